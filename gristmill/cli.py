@@ -1,0 +1,117 @@
+"""`gristmill ...`: run workflows, inspect run folders, and the stand-alone tools of each room."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gristmill.pipeline import io
+from gristmill.pipeline.status import run_status
+from gristmill.workflow import WorkflowError, load_workflow
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="gristmill: web pages in, pretraining tokens and a trained model out; every stage inspectable.",
+)
+console = Console(stderr=True)
+
+
+@app.command()
+def run(
+    workflow: Path = typer.Argument(..., help="Workflow YAML file, e.g. workflows/quickstart.yaml"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a setting: STAGE.KEY=VALUE (repeatable)"),
+    scheduler: str | None = typer.Option(
+        None, help="tcp://host:port of a running Dask scheduler, or 'synchronous' (default: a LocalCluster)"
+    ),
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders"),
+    force: bool = typer.Option(False, help="Run every stage again, even those already done"),
+    only: str | None = typer.Option(None, help="Run only this stage (its inputs must be done)"),
+    from_: str | None = typer.Option(None, "--from", help="Run this stage and everything downstream again"),
+) -> None:
+    """Run a workflow; stages already done with the same config and input are skipped."""
+    from gristmill.pipeline.runner import StageError, run_workflow
+
+    try:
+        run_dir = run_workflow(
+            workflow, runs_dir=runs_dir, overrides=set_, force=force, only=only, from_stage=from_,
+            scheduler=scheduler, console=console,
+        )
+    except WorkflowError as error:
+        console.print(f"[red]workflow error:[/red] {error}")
+        raise typer.Exit(2) from None
+    except StageError as error:
+        console.print(f"[red]stage failed:[/red] {error}")
+        raise typer.Exit(1) from None
+    console.print(f"run folder: {run_dir}")
+
+
+@app.command()
+def status(
+    target: Path = typer.Argument(..., help="A run folder (runs/NAME) or the workflow file that made it"),
+    runs_dir: Path = typer.Option(Path("runs"), help="Where run folders live, when TARGET is a workflow"),
+) -> None:
+    """Print the DAG of a run with each stage's state, counts and wall time."""
+    workflow = None
+    run_dir = target
+    if target.is_file():
+        try:
+            workflow = load_workflow(target)
+        except WorkflowError as error:
+            console.print(f"[red]workflow error:[/red] {error}")
+            raise typer.Exit(2) from None
+        run_dir = runs_dir / workflow.name
+    try:
+        statuses = run_status(run_dir)
+    except FileNotFoundError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    if workflow is not None:
+        from gristmill.pipeline.runner import config_hash
+
+        for st in statuses:
+            done = io.read_json(run_dir / st.name / io.DONE_FILE)
+            if st.state == "done" and st.name in workflow.stages and done["config_hash"] != config_hash(workflow, st.name):
+                st.state = "stale"
+    colours = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "stale": "yellow"}
+    table = Table(title=f"run {run_dir}")
+    for column in ("stage", "type", "input", "state", "in", "kept", "removed", "other counts", "wall s"):
+        table.add_column(column, justify="right" if column in ("in", "kept", "removed", "wall s") else "left")
+    for st in statuses:
+        counts = dict(st.counts)
+        main = [f"{counts.pop(k):,}" if k in counts else "" for k in ("in", "kept", "removed")]
+        other = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items())
+        state = f"[{colours.get(st.state, 'white')}]{st.state}[/]"
+        wall = f"{st.wall_time_s:.1f}" if st.wall_time_s is not None and st.state == "done" else ""
+        table.add_row(st.name, st.type, ", ".join(st.inputs), state, *main, other, wall)
+    Console().print(table)
+    for st in statuses:
+        if st.state == "failed" and st.error:
+            console.print(f"[red]{st.name} failed:[/red] {st.error}")
+
+
+@app.command()
+def dashboard(
+    run_dir: Path | None = typer.Argument(None, help="Run folder (default: $GRISTMILL_RUN, else the runs/ folder)"),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 keeps it on this machine"),
+    port: int = typer.Option(8501, help="Port to serve on"),
+) -> None:
+    """Open the Streamlit dashboard over a run folder (or every run under runs/)."""
+    target = run_dir or Path(os.environ.get("GRISTMILL_RUN", "runs"))
+    app_path = Path(__file__).parent / "dashboards" / "app.py"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app_path),
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--", "--run", str(target.resolve()),
+    ]
+    raise typer.Exit(subprocess.call(command))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

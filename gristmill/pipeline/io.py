@@ -1,0 +1,158 @@
+"""Run-folder paths and atomic writes: the on-disk contract between stages (DESIGN.md).
+
+Every file a stage leaves behind is written under a temporary name and renamed into place, so a
+killed run never leaves a half-written part that looks whole.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+KEPT = "kept"
+REMOVED = "removed"
+STATS_FILE = "stats.json"
+DONE_FILE = "_DONE.json"
+STARTED_FILE = "_STARTED.json"
+FAILED_FILE = "_FAILED.json"
+PARTS_STATE_DIR = "_parts"
+
+# The columns every document carries (DESIGN.md); stages may add their own signal columns.
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("url", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("fetch_time", pa.timestamp("us", tz="UTC")),
+        ("lang", pa.string()),
+        ("lang_score", pa.float64()),
+    ]
+)
+
+
+def part_name(index: int) -> str:
+    """`part-00007.parquet`: parts are numbered by their position in the stage's input."""
+    return f"part-{index:05d}.parquet"
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write `table` as zstd Parquet at `path`, visible only once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` as indented JSON at `path`, visible only once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write raw bytes at `path`, visible only once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The parsed JSON at `path`, or None when the file does not exist."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def list_parts(folder: str | os.PathLike) -> list[Path]:
+    """The complete Parquet parts in `folder`, in name order (temporary files are hidden)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
+def kept_parts(stage_dir: str | os.PathLike) -> list[Path]:
+    return list_parts(Path(stage_dir) / KEPT)
+
+
+def removed_parts(stage_dir: str | os.PathLike) -> list[Path]:
+    return list_parts(Path(stage_dir) / REMOVED)
+
+
+def count_rows(paths: list[Path]) -> int:
+    """Total rows of Parquet files, read from their footers only."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
+def expand_paths(pattern: str) -> list[Path]:
+    """Files matching a path or glob (`**` allowed), sorted; a folder means every file under it."""
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    files: list[Path] = []
+    for match in matches:
+        p = Path(match)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        elif p.is_file():
+            files.append(p)
+    return files
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """A cheap fingerprint of input files: path, size and modification time of each."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def stable_hash(obj: Any) -> str:
+    """A short hash of any JSON-serialisable value, independent of key order."""
+    payload = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def document_id(source: str, position: int | str) -> str:
+    """A stable document id from where it came from: the same input gives the same id every run."""
+    return hashlib.blake2b(f"{source}\0{position}".encode(), digest_size=10).hexdigest()
+
+
+def with_reason(table: pa.Table, reason: str | list[str]) -> pa.Table:
+    """`table` with a `reason` column (one reason for all rows, or one per row), for removed/."""
+    if isinstance(reason, str):
+        reason = [reason] * table.num_rows
+    column = pa.array(reason, type=pa.string())
+    if "reason" in table.column_names:
+        return table.set_column(table.schema.get_field_index("reason"), "reason", column)
+    return table.append_column("reason", column)
+
+
+def empty_documents(extra: pa.Schema | None = None) -> pa.Table:
+    """An empty table with the document schema (plus `extra` columns)."""
+    schema = DOCUMENT_SCHEMA
+    if extra is not None:
+        for field in extra:
+            schema = schema.append(field)
+    return schema.empty_table()

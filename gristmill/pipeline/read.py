@@ -1,0 +1,168 @@
+"""The `read` stage: JSONL, Parquet and plain-text files (or globs) into documents.
+
+Ids are stable across runs: the record's own id when `id_key` names one, else a hash of the file's
+name (relative to the workflow folder) and the record's position in it. A record that cannot be
+read (bad JSON, no text, not UTF-8) becomes a `removed` row whose `reason` says why and where.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gristmill.pipeline import io
+from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, source_stage
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+class ReadConfig(StageConfig):
+    """`input`: files, folders or globs. `format: auto` decides by suffix per file."""
+
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    text_key: str = "text"
+    id_key: str | None = None
+    url_key: str = "url"
+    files_per_part: int = 64  # plain-text files are small: group them so a part is worth a task
+
+
+def file_format(path: Path, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    raise ValueError(f"{path}: cannot tell the format from the name; set `format:` (jsonl, parquet or text)")
+
+
+def list_read_units(ctx: StageContext) -> list[list[tuple[str, str]]]:
+    """Work items: one per JSONL/Parquet file, plain-text files grouped `files_per_part` at a time.
+    Each file is a (path, source name) pair; the source name is relative to the workflow folder."""
+    config: ReadConfig = ctx.config
+    units: list[list[tuple[str, str]]] = []
+    text_group: list[tuple[str, str]] = []
+    for path in ctx.input_files():
+        try:
+            source = os.path.relpath(path, ctx.workflow_dir)
+        except ValueError:  # another drive on Windows
+            source = str(path)
+        if source.startswith(".."):
+            source = str(path.resolve())
+        entry = (str(path), source)
+        if file_format(path, config.format) == "text":
+            text_group.append(entry)
+            if len(text_group) == config.files_per_part:
+                units.append(text_group)
+                text_group = []
+        else:
+            units.append([entry])
+    if text_group:
+        units.append(text_group)
+    return units
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=io.DOCUMENT_SCHEMA) if rows else io.empty_documents()
+
+
+def _document(doc_id: str, text: str | None, source: str, url: str | None = None) -> dict:
+    return {"id": doc_id, "url": url, "text": text, "source": source, "fetch_time": None, "lang": None,
+            "lang_score": None}
+
+
+def _read_jsonl(path: str, source: str, config: ReadConfig, kept: list, removed: list, reasons: list) -> None:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            doc_id = io.document_id(source, line_no)
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                removed.append(_document(doc_id, raw.decode("utf-8", "replace")[:10_000], source))
+                reasons.append(f"read:bad_json (line {line_no}: {error.msg if hasattr(error, 'msg') else error})")
+                continue
+            if not isinstance(record, dict):
+                removed.append(_document(doc_id, raw.decode("utf-8", "replace")[:10_000], source))
+                reasons.append(f"read:not_an_object (line {line_no})")
+                continue
+            if config.id_key and record.get(config.id_key) is not None:
+                doc_id = str(record[config.id_key])
+            text = record.get(config.text_key)
+            url = record.get(config.url_key)
+            url = url if isinstance(url, str) else None
+            if not isinstance(text, str):
+                removed.append(_document(doc_id, None, source, url))
+                problem = "missing" if text is None else f"not a string but {type(text).__name__}"
+                reasons.append(f"read:no_text (line {line_no}: key {config.text_key!r} {problem})")
+                continue
+            kept.append(_document(doc_id, text, source, url))
+
+
+def _read_parquet(path: str, source: str, config: ReadConfig, kept: list, removed: list, reasons: list) -> None:
+    table = pq.read_table(path)
+    if config.text_key not in table.column_names:
+        raise ValueError(f"{path}: no column {config.text_key!r} (columns: {', '.join(table.column_names)}); set `text_key`")
+    texts = table.column(config.text_key).to_pylist()
+    ids = table.column(config.id_key).to_pylist() if config.id_key in table.column_names else [None] * len(texts)
+    urls = table.column(config.url_key).to_pylist() if config.url_key in table.column_names else [None] * len(texts)
+    for row, (text, given_id, url) in enumerate(zip(texts, ids, urls)):
+        doc_id = str(given_id) if given_id is not None else io.document_id(source, row)
+        url = url if isinstance(url, str) else None
+        if not isinstance(text, str):
+            removed.append(_document(doc_id, None, source, url))
+            reasons.append(f"read:no_text (row {row}: {config.text_key!r} is null)")
+        else:
+            kept.append(_document(doc_id, text, source, url))
+
+
+def _read_text(path: str, source: str, kept: list, removed: list, reasons: list) -> None:
+    data = Path(path).read_bytes()
+    doc_id = io.document_id(source, 0)
+    try:
+        kept.append(_document(doc_id, data.decode("utf-8"), source))
+    except UnicodeDecodeError as error:
+        removed.append(_document(doc_id, data.decode("utf-8", "replace"), source))
+        reasons.append(f"read:not_utf8 (byte {error.start})")
+
+
+@source_stage("read", ReadConfig, units=list_read_units)
+def read_files(unit: list[tuple[str, str]], config: ReadConfig) -> PartitionOutput:
+    """Read the files of one unit into kept documents and removed records."""
+    kept: list[dict] = []
+    removed: list[dict] = []
+    reasons: list[str] = []
+    for path, source in unit:
+        kind = file_format(Path(path), config.format)
+        if kind == "jsonl":
+            _read_jsonl(path, source, config, kept, removed, reasons)
+        elif kind == "parquet":
+            _read_parquet(path, source, config, kept, removed, reasons)
+        else:
+            _read_text(path, source, kept, removed, reasons)
+    removed_table = io.with_reason(_rows_to_table(removed), reasons)
+    return PartitionOutput(
+        kept=_rows_to_table(kept),
+        removed=removed_table,
+        stats={"files": len(unit), "removed_by_reason": _count_reasons(reasons)},
+    )
+
+
+def _count_reasons(reasons: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        key = reason.split(" ", 1)[0]
+        counts[key] = counts.get(key, 0) + 1
+    return counts

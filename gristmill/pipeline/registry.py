@@ -1,0 +1,19 @@
+"""The built-in stage types: importing a module registers its stage (see `stage.py`)."""
+
+from __future__ import annotations
+
+import importlib
+
+from gristmill.pipeline.stage import STAGE_TYPES, StageType
+
+BUILTIN_STAGE_MODULES = (
+    "gristmill.pipeline.read",
+    "gristmill.pipeline.write",
+)
+
+
+def load_builtin_stages() -> dict[str, StageType]:
+    """Import every built-in stage module once and return the registry."""
+    for module in BUILTIN_STAGE_MODULES:
+        importlib.import_module(module)
+    return STAGE_TYPES

@@ -1,0 +1,407 @@
+"""Run a workflow DAG on Dask: dependency order, resume, progress, conservation, manifests.
+
+For every stage the runner decides whether it is already done (`_DONE.json` with the same config
+hash and input fingerprint), prepares its folder (kept for resume when `_STARTED.json` matches,
+wiped otherwise), runs it, checks that no document was lost (rows in == kept + removed), and
+writes `stats.json` then `_DONE.json`, last and atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gristmill import __version__
+from gristmill.pipeline import io
+from gristmill.pipeline.stage import (
+    STAGE_TYPES,
+    PartitionOutput,
+    StageContext,
+    StageResult,
+    StageType,
+    UpstreamInput,
+    merge_stats,
+)
+from gristmill.workflow import Workflow, WorkflowError, load_workflow, resolve_input_path
+
+
+class StageError(RuntimeError):
+    """A stage failed; the message names the stage and what went wrong."""
+
+
+class ConservationError(StageError):
+    """A stage lost or invented documents: rows in != kept + removed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-partition work (runs on Dask workers)
+
+
+def _part_state_path(stage_dir: Path, index: int) -> Path:
+    return stage_dir / io.PARTS_STATE_DIR / io.part_name(index).replace(".parquet", ".json")
+
+
+def _write_partition(stage_dir: Path, index: int, output: PartitionOutput, rows_in: int, started: float) -> dict:
+    name = io.part_name(index)
+    io.write_parquet_atomic(output.kept, stage_dir / io.KEPT / name)
+    io.write_parquet_atomic(output.removed, stage_dir / io.REMOVED / name)
+    state = {
+        "part": name,
+        "in": rows_in,
+        "kept": output.kept.num_rows,
+        "removed": output.removed.num_rows,
+        "seconds": round(time.perf_counter() - started, 4),
+        "stats": output.stats,
+    }
+    io.write_json_atomic(state, _part_state_path(stage_dir, index))
+    return state
+
+
+def process_document_part(
+    item: tuple[int, str], fn: Callable, config: Any, stage_name: str, stage_dir: str
+) -> dict:
+    """Apply a document stage to one input part; skip it when a previous attempt finished it."""
+    index, in_path = item
+    stage_path = Path(stage_dir)
+    done = io.read_json(_part_state_path(stage_path, index))
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    table = pq.read_table(in_path)
+    output = fn(table, config)
+    if output.kept.num_rows + output.removed.num_rows != table.num_rows:
+        raise ConservationError(
+            f"stage {stage_name!r}, part {in_path}: {table.num_rows} rows in but "
+            f"{output.kept.num_rows} kept + {output.removed.num_rows} removed"
+        )
+    return _write_partition(stage_path, index, output, table.num_rows, started)
+
+
+def process_source_unit(item: tuple[int, Any], fn: Callable, config: Any, stage_dir: str) -> dict:
+    """Turn one source unit (file, group of files) into a part; skip it when already finished."""
+    index, unit = item
+    stage_path = Path(stage_dir)
+    done = io.read_json(_part_state_path(stage_path, index))
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    output = fn(unit, config)
+    rows = output.kept.num_rows + output.removed.num_rows
+    return _write_partition(stage_path, index, output, rows, started)
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing on Dask
+
+
+@contextmanager
+def dask_client(workflow: Workflow, scheduler: str | None, console: Console) -> Iterator[Any]:
+    """A distributed.Client for the run, or None for the synchronous scheduler."""
+    settings = workflow.dask
+    address = scheduler or settings.scheduler
+    if address == "synchronous":
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if address:
+        client = Client(address)
+        console.print(f"[dim]dask: connected to {address}[/dim]")
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n_workers = settings.n_workers or max(1, os.cpu_count() or 1)
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=settings.threads_per_worker,
+        processes=True,
+        memory_limit=settings.memory_limit,
+        dashboard_address=settings.dashboard_address,
+        silence_logs=40,
+    )
+    client = Client(cluster)
+    link = client.dashboard_link if settings.dashboard_address else None
+    console.print(f"[dim]dask: LocalCluster of {n_workers} workers" + (f", dashboard {link}" if link else "") + "[/dim]")
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def make_mapper(client: Any, console: Console) -> Callable[[Callable, list, str], list]:
+    """A function that maps `fn` over items on the cluster, in order, with a progress bar."""
+
+    def run_map(fn: Callable, items: list, description: str) -> list:
+        results: list[Any] = [None] * len(items)
+        with Progress(
+            TextColumn("  {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not items,
+        ) as progress:
+            task = progress.add_task(description, total=len(items))
+            if client is None:
+                for i, item in enumerate(items):
+                    results[i] = fn(item)
+                    progress.advance(task)
+                return results
+            from distributed import as_completed
+
+            futures = client.map(fn, items, pure=False)
+            position = {future.key: i for i, future in enumerate(futures)}
+            try:
+                for future in as_completed(futures):
+                    results[position[future.key]] = future.result()
+                    progress.advance(task)
+            except BaseException:
+                client.cancel(futures)
+                raise
+        return results
+
+    return run_map
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage bookkeeping
+
+
+def config_hash(workflow: Workflow, stage: str) -> str:
+    return io.stable_hash(workflow.stages[stage].model_dump(mode="json"))
+
+
+def input_fingerprint(workflow: Workflow, stage: str, run_dir: Path) -> str:
+    """What the stage reads: upstream stages' output fingerprints and path inputs' file stats."""
+    parts = []
+    for entry in workflow.stages[stage].input:
+        if entry in workflow.stages:
+            done = io.read_json(run_dir / entry / io.DONE_FILE)
+            if done is None:
+                raise StageError(f"stage {stage!r} needs stage {entry!r}, which has not finished")
+            parts.append(["stage", entry, done["output_fingerprint"]])
+        else:
+            files = io.expand_paths(str(resolve_input_path(entry, workflow.directory)))
+            parts.append(["path", entry, io.files_fingerprint(files)])
+    return io.stable_hash(parts)
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import numpy
+    import pyarrow
+
+    return {
+        "gristmill": __version__,
+        "python": platform.python_version(),
+        "dask": dask.__version__,
+        "pyarrow": pyarrow.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def is_done(stage_dir: Path, cfg_hash: str, in_fingerprint: str) -> bool:
+    done = io.read_json(stage_dir / io.DONE_FILE)
+    return bool(done) and done.get("config_hash") == cfg_hash and done.get("input_fingerprint") == in_fingerprint
+
+
+def prepare_stage_dir(stage_dir: Path, started: dict, resume: bool) -> bool:
+    """Keep the folder of an interrupted attempt with the same config and input (resume), else
+    start clean. Returns whether finished work is being reused."""
+    previous = io.read_json(stage_dir / io.STARTED_FILE)
+    reuse = (
+        resume
+        and previous is not None
+        and previous.get("config_hash") == started["config_hash"]
+        and previous.get("input_fingerprint") == started["input_fingerprint"]
+    )
+    if stage_dir.exists() and not reuse:
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (io.DONE_FILE, io.FAILED_FILE):
+        (stage_dir / stale).unlink(missing_ok=True)
+    io.write_json_atomic(started, stage_dir / io.STARTED_FILE)
+    return reuse
+
+
+def _stage_inputs(workflow: Workflow, stage: str, run_dir: Path) -> list[UpstreamInput]:
+    inputs = []
+    for entry in workflow.stages[stage].input:
+        if entry in workflow.stages:
+            inputs.append(UpstreamInput(entry, run_dir / entry, workflow.stages[entry].type))
+        else:
+            files = io.expand_paths(str(resolve_input_path(entry, workflow.directory)))
+            inputs.append(UpstreamInput(entry, files=files))
+    return inputs
+
+
+def _run_partitioned(spec: StageType, ctx: StageContext) -> StageResult:
+    """Document and source stages: one task per part or unit, then merged counts and stats."""
+    if spec.kind == "document":
+        parts = ctx.input_parts()
+        task = functools.partial(
+            process_document_part, fn=spec.map_partition, config=ctx.config,
+            stage_name=ctx.name, stage_dir=str(ctx.stage_dir),
+        )
+        items = [(i, str(p)) for i, p in enumerate(parts)]
+    else:
+        units = spec.list_units(ctx)
+        task = functools.partial(process_source_unit, fn=spec.read_unit, config=ctx.config, stage_dir=str(ctx.stage_dir))
+        items = list(enumerate(units))
+    states = ctx.map(task, items, ctx.name)
+    counts = {
+        "in": sum(s["in"] for s in states),
+        "kept": sum(s["kept"] for s in states),
+        "removed": sum(s["removed"] for s in states),
+        "parts": len(states),
+    }
+    stats = merge_stats(s["stats"] for s in states)
+    if spec.finalize_stats is not None:
+        stats = spec.finalize_stats(stats, ctx.config)
+    return StageResult(counts=counts, stats=stats)
+
+
+def check_conservation(stage: str, stage_dir: Path, rows_in: int) -> dict[str, int]:
+    """Count what is on disk and fail loudly when documents went missing or appeared."""
+    kept = io.count_rows(io.kept_parts(stage_dir))
+    removed = io.count_rows(io.removed_parts(stage_dir))
+    if kept + removed != rows_in:
+        raise ConservationError(
+            f"stage {stage!r}: {rows_in} documents in but {kept} kept + {removed} removed on disk "
+            f"({rows_in - kept - removed:+d} unaccounted for)"
+        )
+    return {"in": rows_in, "kept": kept, "removed": removed}
+
+
+def run_stage(workflow: Workflow, stage: str, run_dir: Path, mapper: Callable, client: Any, resume: bool,
+              console: Console) -> dict:
+    """Run one stage to completion and return its `_DONE.json` record."""
+    config = workflow.stages[stage]
+    spec = STAGE_TYPES[config.type]
+    stage_dir = run_dir / stage
+    cfg_hash = config_hash(workflow, stage)
+    in_fp = input_fingerprint(workflow, stage, run_dir)
+    started = {
+        "stage": stage,
+        "type": config.type,
+        "config_hash": cfg_hash,
+        "input_fingerprint": in_fp,
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "pid": os.getpid(),
+    }
+    resumed = prepare_stage_dir(stage_dir, started, resume)
+    ctx = StageContext(
+        name=stage,
+        config=config,
+        stage_dir=stage_dir,
+        run_dir=run_dir,
+        workflow_dir=workflow.directory,
+        inputs=_stage_inputs(workflow, stage, run_dir),
+        mapper=mapper,
+        client=client,
+    )
+    t0 = time.perf_counter()
+    try:
+        if spec.kind == "custom":
+            rows_in = io.count_rows(ctx.input_parts()) if spec.produces_documents else None
+            result = spec.run(ctx)
+        else:
+            result = _run_partitioned(spec, ctx)
+            rows_in = result.counts["in"]
+        counts = dict(result.counts)
+        if spec.produces_documents:
+            counts.update(check_conservation(stage, stage_dir, rows_in))
+    except Exception as error:
+        io.write_json_atomic(
+            {"stage": stage, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
+             "failed_at": datetime.now(timezone.utc).isoformat()},
+            stage_dir / io.FAILED_FILE,
+        )
+        if isinstance(error, StageError):
+            raise
+        raise StageError(f"stage {stage!r} ({config.type}) failed: {type(error).__name__}: {error}") from error
+    wall = round(time.perf_counter() - t0, 3)
+    stats = {"stage": stage, "type": config.type, "counts": counts, "wall_time_s": wall, "resumed": resumed,
+             **result.stats}
+    io.write_json_atomic(stats, stage_dir / io.STATS_FILE)
+    done = {
+        "stage": stage,
+        "type": config.type,
+        "config_hash": cfg_hash,
+        "input_fingerprint": in_fp,
+        "output_fingerprint": io.stable_hash([config.type, cfg_hash, in_fp]),
+        "counts": counts,
+        "wall_time_s": wall,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "versions": _versions(),
+    }
+    io.write_json_atomic(done, stage_dir / io.DONE_FILE)
+    return done
+
+
+def stages_to_run(workflow: Workflow, only: str | None, from_stage: str | None) -> tuple[list[str], set[str]]:
+    """The stages to consider, in order, and those forced to run again."""
+    for flag, name in (("--only", only), ("--from", from_stage)):
+        if name is not None and name not in workflow.stages:
+            raise WorkflowError(f"{flag} {name!r}: {workflow.path} has no such stage (stages: {', '.join(workflow.stages)})")
+    if only is not None:
+        return [only], {only}
+    if from_stage is not None:
+        return workflow.order(), set(workflow.downstream(from_stage))
+    return workflow.order(), set()
+
+
+def run_workflow(
+    workflow: Workflow | str | os.PathLike,
+    runs_dir: str | os.PathLike = "runs",
+    overrides: list[str] | tuple[str, ...] = (),
+    force: bool = False,
+    only: str | None = None,
+    from_stage: str | None = None,
+    scheduler: str | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Run (or resume) a workflow and return its run folder `runs_dir/<workflow name>`."""
+    console = console or Console(stderr=True)
+    if not isinstance(workflow, Workflow):
+        workflow = load_workflow(workflow, overrides)
+    run_dir = Path(runs_dir) / workflow.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_bytes_atomic(
+        yaml.safe_dump(workflow.raw, sort_keys=False, allow_unicode=True).encode(), run_dir / "workflow.yaml"
+    )
+    order, forced = stages_to_run(workflow, only, from_stage)
+    if force:
+        forced = set(order)
+    console.print(f"[bold]gristmill[/bold] run [cyan]{workflow.name}[/cyan] -> {run_dir}")
+    with dask_client(workflow, scheduler, console) as client:
+        mapper = make_mapper(client, console)
+        for stage in order:
+            stage_dir = run_dir / stage
+            if stage not in forced and is_done(stage_dir, config_hash(workflow, stage),
+                                               input_fingerprint(workflow, stage, run_dir)):
+                console.print(f"[green]✓[/green] {stage} [dim](done, skipped)[/dim]")
+                continue
+            console.print(f"[bold]▶ {stage}[/bold] [dim]({workflow.stages[stage].type})[/dim]")
+            done = run_stage(workflow, stage, run_dir, mapper, client, resume=stage not in forced, console=console)
+            counts = ", ".join(f"{k} {v:,}" for k, v in done["counts"].items())
+            console.print(f"[green]✓[/green] {stage}: {counts} [dim]in {done['wall_time_s']:.1f}s[/dim]")
+    return run_dir

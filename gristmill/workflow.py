@@ -1,0 +1,247 @@
+"""Workflow YAML -> a validated DAG of stages.
+
+A workflow file names its stages; each has a `type` (a registered stage type), an `input` (upstream
+stages or file paths/globs) and the settings of its type, checked by that type's pydantic model.
+Every mistake is reported with the file, the stage and the key, e.g.
+`workflows/web.yaml: stage 'filter', key 'gopher_quality.min_doc_words': Input should be a valid integer`.
+
+`imports:` lists modules that register extra stage types (your own `document_stage`s).
+Strings may use `${VAR}` and `${VAR:-default}`; `GRISTMILL_DATA` defaults to the bundled data folder.
+`--set stage.key=value` overrides (value parsed as YAML) apply before validation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gristmill import DATA_DIR
+from gristmill.pipeline.io import expand_paths
+from gristmill.pipeline.registry import load_builtin_stages
+from gristmill.pipeline.stage import StageConfig
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class WorkflowError(ValueError):
+    """A workflow that cannot run as written; the message names the file, stage and key."""
+
+
+class DaskSettings(BaseModel):
+    """Where stages run. `scheduler`: unset for a LocalCluster sized to the machine,
+    `synchronous` for in-process execution (debugging, small tests), or `tcp://host:port`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    dashboard_address: str | None = ":0"
+
+
+class Workflow(BaseModel):
+    """A validated workflow: stages in file order, each a StageConfig subclass."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str
+    path: Path
+    stages: dict[str, StageConfig]
+    dask: DaskSettings = DaskSettings()
+    raw: dict[str, Any]
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    def dependencies(self, stage: str) -> list[str]:
+        """Upstream stage names of `stage`, in `input` order."""
+        return [name for name in self.stages[stage].input if name in self.stages]
+
+    def order(self) -> list[str]:
+        """Stages in dependency order (file order among independent stages)."""
+        done: list[str] = []
+        state: dict[str, str] = {}
+
+        def visit(name: str, trail: list[str]) -> None:
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                cycle = " -> ".join(trail[trail.index(name) :] + [name])
+                raise WorkflowError(f"{self.path}: stage {name!r}, key 'input': cycle {cycle}")
+            state[name] = "visiting"
+            for dep in self.dependencies(name):
+                visit(dep, trail + [name])
+            state[name] = "done"
+            done.append(name)
+
+        for name in self.stages:
+            visit(name, [])
+        return done
+
+    def downstream(self, stage: str) -> list[str]:
+        """`stage` and every stage that depends on it, in dependency order."""
+        affected = {stage}
+        for name in self.order():
+            if any(dep in affected for dep in self.dependencies(name)):
+                affected.add(name)
+        return [name for name in self.order() if name in affected]
+
+
+def expand_env(value: Any, where: str) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string of a parsed YAML value."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match) -> str:
+            var, default = match.group(1), match.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if var == "GRISTMILL_DATA":
+                return str(DATA_DIR)
+            if default is not None:
+                return default
+            raise WorkflowError(f"{where}: environment variable ${{{var}}} is not set and has no default")
+
+        return _ENV_PATTERN.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
+    """Apply one `stage.key=value` (or `dask.key=value`, `name=value`) override in place."""
+    if "=" not in override:
+        raise WorkflowError(f"--set {override!r}: expected STAGE.KEY=VALUE")
+    dotted, text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    value = yaml.safe_load(text) if text.strip() else ""
+    if keys[0] in ("name",) and len(keys) == 1:
+        raw["name"] = value
+        return
+    if keys[0] == "dask":
+        target = raw.setdefault("dask", {}) or {}
+        raw["dask"] = target
+    else:
+        stages = raw.get("stages") or {}
+        if keys[0] not in stages:
+            raise WorkflowError(f"--set {override!r}: {path} has no stage {keys[0]!r} (stages: {', '.join(stages)})")
+        target = stages[keys[0]]
+    keys = keys[1:]
+    if not keys:
+        raise WorkflowError(f"--set {override!r}: expected STAGE.KEY=VALUE")
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise WorkflowError(f"--set {override!r}: {key!r} is not a mapping")
+    target[keys[-1]] = value
+
+
+def _format_validation_error(path: Path, stage: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(stage)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{path}: stage {stage!r}, key {key!r}: {message}")
+    return "\n".join(lines)
+
+
+def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
+    """Validate an already-loaded workflow mapping; `path` is used in messages and to resolve
+    relative input paths."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise WorkflowError(f"{path}: a workflow is a mapping with 'stages'")
+    unknown = set(raw) - {"name", "description", "dask", "imports", "stages"}
+    if unknown:
+        raise WorkflowError(
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, description, dask, imports, stages"
+        )
+    raw = expand_env(raw, str(path))
+    stage_types = load_builtin_stages()
+    for module in raw.get("imports") or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise WorkflowError(f"{path}: key 'imports': cannot import {module!r}: {error}") from None
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise WorkflowError(f"{path}: 'stages' must be a non-empty mapping of stage name -> settings")
+
+    dask_raw = raw.get("dask") or {}
+    try:
+        dask = DaskSettings.model_validate(dask_raw)
+    except ValidationError as error:
+        lines = [f"{path}: key 'dask.{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in error.errors()]
+        raise WorkflowError("\n".join(lines)) from None
+
+    stages: dict[str, StageConfig] = {}
+    errors: list[str] = []
+    for name, settings in stages_raw.items():
+        if not isinstance(settings, dict):
+            errors.append(f"{path}: stage {name!r}: settings must be a mapping")
+            continue
+        stage_type = settings.get("type")
+        if stage_type not in stage_types:
+            errors.append(
+                f"{path}: stage {name!r}, key 'type': unknown stage type {stage_type!r} "
+                f"(known: {', '.join(sorted(stage_types))})"
+            )
+            continue
+        spec = stage_types[stage_type]
+        try:
+            config = spec.config_model.model_validate(settings)
+        except ValidationError as error:
+            errors.append(_format_validation_error(path, name, error))
+            continue
+        if spec.needs_input and not config.input:
+            errors.append(f"{path}: stage {name!r}, key 'input': stage type {stage_type!r} needs an input")
+        for entry in config.input:
+            if entry == name:
+                errors.append(f"{path}: stage {name!r}, key 'input': a stage cannot read itself")
+            elif entry not in stages_raw and not expand_paths(str(resolve_input_path(entry, path.parent))):
+                errors.append(
+                    f"{path}: stage {name!r}, key 'input': {entry!r} is neither a stage of this workflow "
+                    f"nor an existing file or glob"
+                )
+        stages[name] = config
+    if errors:
+        raise WorkflowError("\n".join(errors))
+    workflow = Workflow(
+        name=str(raw.get("name") or path.stem), path=path, stages=stages, dask=dask, raw=raw
+    )
+    workflow.order()  # raises on cycles
+    return workflow
+
+
+def resolve_input_path(entry: str, workflow_dir: Path) -> Path:
+    """A path input relative to the workflow file's folder (absolute paths stay as they are)."""
+    p = Path(os.path.expanduser(entry))
+    return p if p.is_absolute() else workflow_dir / p
+
+
+def load_workflow(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Workflow:
+    """Read, override and validate a workflow file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise WorkflowError(f"{path}: no such workflow file") from None
+    except yaml.YAMLError as error:
+        raise WorkflowError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise WorkflowError(f"{path}: a workflow is a mapping with 'stages'")
+    for override in overrides:
+        apply_override(raw, override, path)
+    return parse_workflow(raw, path)
