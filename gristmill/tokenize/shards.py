@@ -10,6 +10,7 @@ magic 20240801 / version 7 holds uint32 tokens (larger vocabularies).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -76,3 +77,30 @@ def open_shard(path: str | os.PathLike) -> np.memmap:
     """The tokens of a shard as a read-only memmap (no parsing, no copy)."""
     dtype, n_tokens = read_header(path)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def write_meta(folder: str | os.PathLike, meta: dict) -> Path:
+    """Write `meta.json` beside the shards, atomically (it is the last file `pack` writes)."""
+    path = Path(folder) / META_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """The `meta.json` of a pack folder: tokenizer, vocab_size, dtype, eos_id, counts, shards."""
+    path = Path(folder) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no meta.json; is {folder} a finished pack folder?") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
