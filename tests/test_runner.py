@@ -20,6 +20,7 @@ from gristmill.pipeline import io
 from gristmill.pipeline.runner import ConservationError, run_workflow
 from gristmill.pipeline.status import run_status
 from gristmill.workflow import WorkflowError, load_workflow
+from tests.quickstart import QUICKSTART_TEST_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 GRISTMILL = [sys.executable, "-m", "gristmill.cli"]
@@ -268,6 +269,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def quickstart_overrides() -> list[str]:
+    return [arg for override in QUICKSTART_TEST_OVERRIDES for arg in ("--set", override)]
+
+
 def test_quickstart_runs_against_a_scheduler_started_by_hand(tmp_path):
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -281,7 +286,7 @@ def test_quickstart_runs_against_a_scheduler_started_by_hand(tmp_path):
     try:
         result = subprocess.run(
             [*GRISTMILL, "run", str(REPO / "workflows" / "quickstart.yaml"), "--scheduler", address,
-             "--runs-dir", str(tmp_path / "runs"), *QUICKSTART_SMALL],
+             "--runs-dir", str(tmp_path / "runs"), *quickstart_overrides()],
             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=540,
         )
         assert result.returncode == 0, result.stderr[-3000:]
@@ -295,5 +300,14 @@ def test_quickstart_runs_against_a_scheduler_started_by_hand(tmp_path):
             process.wait(timeout=30)
 
 
-# Settings that keep the quickstart short when a test runs it end to end.
-QUICKSTART_SMALL: list[str] = []
+
+def test_quickstart_crawls_the_sample_site_through_to_a_trained_model(quickstart_run):
+    statuses = {s.name: s for s in run_status(quickstart_run)}
+    assert list(statuses) == ["crawl", "extract", "filter", "dedup", "pii", "tokenizers", "pack", "train"]
+    assert all(s.state == "done" for s in statuses.values())
+    extract = statuses["extract"].counts
+    assert statuses["crawl"].counts["pages_fetched"] == extract["in"] > 200
+    for upstream, stage in [("extract", "filter"), ("filter", "dedup"), ("dedup", "pii")]:
+        assert statuses[stage].counts["in"] == statuses[upstream].counts["kept"]
+    assert statuses["pack"].counts["documents"] == statuses["pii"].counts["kept"]
+    assert statuses["train"].counts["steps"] == 40

@@ -7,6 +7,7 @@ held-out split), saves each as `<stage>/<name>/` and compares them on the held-o
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -86,7 +87,8 @@ def run_tokenizers(ctx: StageContext) -> StageResult:
         folder = ctx.stage_dir / spec.name
         trained = _already_trained(folder, spec)
         if trained is None:
-            trained = train_tokenizer(spec, parts, train_sample, config.show_progress)
+            # The trainer's own bars only make sense on a terminal; in logs they print blank lines.
+            trained = train_tokenizer(spec, parts, train_sample, config.show_progress and sys.stderr.isatty())
             save_tokenizer(trained, folder)
         report["tokenizers"][spec.name] = {
             "kind": spec.kind,
