@@ -10,7 +10,7 @@ checksum, private and documentation IPs, placeholder tokens, example.com address
 addresses already in the pages are labelled too (NATURAL_PII). A finding is a true positive when
 its type and span equal a labelled item's; anything else reported is a false positive.
 
-    python benchmarks/pii.py [--quick] [--seed 0]
+    python -m benchmarks.pii [--quick] [--seed 0]
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gristmill.pipeline import io
+from gristmill.model import cli as model_cli
+from gristmill.pipeline import crawl_cli, io
 from gristmill.pipeline.status import run_status
+from gristmill.tokenize import cli as tokenizer_cli
 from gristmill.workflow import WorkflowError, load_workflow
 
 app = typer.Typer(
@@ -108,9 +110,15 @@ def dashboard(
     command = [
         sys.executable, "-m", "streamlit", "run", str(app_path),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--", "--run", str(target.resolve()),
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--", "--run", str(target.resolve()),
     ]
     raise typer.Exit(subprocess.call(command))
+
+
+app.command("train")(model_cli.train_command)
+app.command("sample")(model_cli.sample_command)
+app.add_typer(tokenizer_cli.app, name="tokenizer")
+app.command("crawl")(crawl_cli.crawl_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,13 @@ from gristmill.pipeline.stage import STAGE_TYPES, StageType
 BUILTIN_STAGE_MODULES = (
     "gristmill.pipeline.read",
     "gristmill.pipeline.write",
+    "gristmill.pipeline.crawl",
+    "gristmill.pipeline.extract",
+    "gristmill.pipeline.filters",
+    "gristmill.pipeline.dedup",
+    "gristmill.pipeline.pii",
+    "gristmill.model.stage",
+    "gristmill.tokenize.stages",
 )
 
 

@@ -1,0 +1,37 @@
+"""The `train` workflow stage: train a GPT on the shards of one upstream `pack` stage (or of a
+folder named by path that holds `meta.json` and `train_*.bin` / `val_*.bin`).
+
+It writes `checkpoint.pt`, `metrics.jsonl` and `samples.jsonl` into its stage folder (see
+`train.py`) and resumes from the checkpoint when the runner kept the folder (same config and input).
+"""
+
+from __future__ import annotations
+
+from gristmill.model.config import TrainConfig
+from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
+from gristmill.tokenize.shards import META_FILE
+
+
+class TrainStageConfig(StageConfig, TrainConfig):
+    """`type: train`, `input: <pack stage>`, and any training setting (see `TrainConfig`)."""
+
+
+@custom_stage("train", TrainStageConfig, produces_documents=False)
+def train_stage(ctx: StageContext) -> StageResult:
+    from gristmill.model.sample import CHECKPOINT_FILE  # torch loads only when a train stage runs
+    from gristmill.model.train import train
+
+    shard_dirs = ctx.upstream_dirs() + [p.parent for p in ctx.input_files() if p.name == META_FILE]
+    if len(shard_dirs) != 1:
+        raise ValueError(
+            f"stage {ctx.name!r}: input must be exactly one pack stage or one folder holding {META_FILE} "
+            f"and token shards, got {ctx.config.input}"
+        )
+    settings = TrainConfig.model_validate(ctx.config.model_dump(exclude={"type", "input"}))
+    resume = (ctx.stage_dir / CHECKPOINT_FILE).is_file()
+    summary = train(settings, shard_dirs[0], ctx.stage_dir, resume=resume)
+    stats = {
+        key: summary.get(key)
+        for key in ("final_loss", "val_loss", "tokens_per_sec", "mfu", "params", "flops_per_token")
+    }
+    return StageResult(counts={"steps": summary["steps"], "tokens": summary["tokens"]}, stats=stats)
