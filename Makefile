@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/gristmill run workflows/quickstart.yaml
 	$(BIN)/gristmill status runs/quickstart
+	$(BIN)/gristmill sample runs/quickstart/train --prompt "The database" --max-new-tokens 40
 
 test: install
 	$(BIN)/pytest -q

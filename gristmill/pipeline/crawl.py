@@ -53,7 +53,7 @@ DEFAULT_USER_AGENT = f"gristmill/{gristmill.__version__} (web crawler for LLM pr
 
 
 class CrawlConfig(StageConfig):
-    """Settings of the crawl stage; docs/crawl.md says why each default is what it is."""
+    """Settings of the crawl stage; the README (crawl) says why each default is what it is."""
 
     seeds: list[str] = []
     seeds_file: str | None = None
@@ -356,7 +356,7 @@ class Crawler:
 
 
 def crawl_stats(log: pa.Table, top: int = 20, max_errors: int = 200) -> tuple[dict, dict]:
-    """`(counts, stats)` for `stats.json` from the crawl log (shape documented in docs/crawl.md)."""
+    """`(counts, stats)` for `stats.json` from the crawl log (shape documented in the README, crawl)."""
     rows = log.to_pylist()
     pages = [r for r in rows if r["status"] is not None and 200 <= r["status"] < 300 and r["error"] is None
              and r["depth"] is not None]

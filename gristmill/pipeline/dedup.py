@@ -67,7 +67,7 @@ class NormaliseConfig(BaseModel):
 
 
 class DedupConfig(StageConfig):
-    """Exact + near-duplicate removal. See docs/dedup.md for every key and its default."""
+    """Exact + near-duplicate removal. The README (dedup) lists every key and its default."""
 
     exact: bool = True
     url: bool = False

@@ -57,7 +57,7 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codec
 
 
 class ExtractConfig(StageConfig):
-    """Settings of the extract stage; docs/extract.md explains every default."""
+    """Settings of the extract stage; the README (extract) explains every default."""
 
     extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"
     main_content: bool = True
