@@ -76,9 +76,15 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=io.DOCUMENT_SCHEMA) if rows else io.empty_documents()
 
 
-def _document(doc_id: str, text: str | None, source: str, url: str | None = None) -> dict:
-    return {"id": doc_id, "url": url, "text": text, "source": source, "fetch_time": None, "lang": None,
-            "lang_score": None}
+def _document(doc_id: str, text: str | None, source: str, url: str | None = None, record: dict | None = None) -> dict:
+    """A document row; a `lang` (string) and `lang_score` (number) already in the record are kept,
+    so corpora labelled elsewhere keep their language through filters and tokenizer reports."""
+    record = record or {}
+    lang = record.get("lang")
+    score = record.get("lang_score")
+    return {"id": doc_id, "url": url, "text": text, "source": source, "fetch_time": None,
+            "lang": lang if isinstance(lang, str) else None,
+            "lang_score": float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None}
 
 
 def _read_jsonl(path: str, source: str, config: ReadConfig, kept: list, removed: list, reasons: list) -> None:
@@ -104,11 +110,11 @@ def _read_jsonl(path: str, source: str, config: ReadConfig, kept: list, removed:
             url = record.get(config.url_key)
             url = url if isinstance(url, str) else None
             if not isinstance(text, str):
-                removed.append(_document(doc_id, None, source, url))
+                removed.append(_document(doc_id, None, source, url, record))
                 problem = "missing" if text is None else f"not a string but {type(text).__name__}"
                 reasons.append(f"read:no_text (line {line_no}: key {config.text_key!r} {problem})")
                 continue
-            kept.append(_document(doc_id, text, source, url))
+            kept.append(_document(doc_id, text, source, url, record))
 
 
 def _read_parquet(path: str, source: str, config: ReadConfig, kept: list, removed: list, reasons: list) -> None:
@@ -118,14 +124,15 @@ def _read_parquet(path: str, source: str, config: ReadConfig, kept: list, remove
     texts = table.column(config.text_key).to_pylist()
     ids = table.column(config.id_key).to_pylist() if config.id_key in table.column_names else [None] * len(texts)
     urls = table.column(config.url_key).to_pylist() if config.url_key in table.column_names else [None] * len(texts)
-    for row, (text, given_id, url) in enumerate(zip(texts, ids, urls)):
+    labels = table.select([c for c in ("lang", "lang_score") if c in table.column_names]).to_pylist()
+    for row, (text, given_id, url, label) in enumerate(zip(texts, ids, urls, labels or [{}] * len(texts))):
         doc_id = str(given_id) if given_id is not None else io.document_id(source, row)
         url = url if isinstance(url, str) else None
         if not isinstance(text, str):
-            removed.append(_document(doc_id, None, source, url))
+            removed.append(_document(doc_id, None, source, url, label))
             reasons.append(f"read:no_text (row {row}: {config.text_key!r} is null)")
         else:
-            kept.append(_document(doc_id, text, source, url))
+            kept.append(_document(doc_id, text, source, url, label))
 
 
 def _read_text(path: str, source: str, kept: list, removed: list, reasons: list) -> None:
