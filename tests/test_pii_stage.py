@@ -110,6 +110,36 @@ def test_null_text_is_removed_with_a_reason_and_nothing_is_lost():
     assert out.kept.column_names == [*io.DOCUMENT_SCHEMA.names, "pii_counts", "pii_spans"]
 
 
+def test_spans_counts_and_examples_line_up_with_their_documents():
+    """Spans and counts of each kept row belong to that row, past null and clean documents; every
+    example shows the replacement at the place of its original."""
+    texts = ["clean text", TEXT, None, "Only alice@corp.io here.", "", "Card 4111 1111 1111 1111 and 8.8.8.8"]
+    config = PiiConfig(type="pii", policy="pseudonym", examples_per_type=5, example_window=6)
+    out = scrub_partition(documents(texts), config)
+    rows = out.kept.to_pylist()
+    originals = [t for t in texts if t is not None]
+    assert [len(r["pii_spans"]) for r in rows] == [0, 5, 1, 0, 2]
+    for row, original in zip(rows, originals):
+        assert restore_original(row["text"], row["pii_spans"]) == original
+        types = [s["type"] for s in row["pii_spans"]]
+        assert {t: n for t, n in row["pii_counts"].items() if n} == {t: types.count(t) for t in types}
+        assert all(original[s["start"] : s["end"]] == s["original"] for s in row["pii_spans"])
+    assert rows[4]["pii_spans"] == [
+        {"type": "payment_card", "start": 5, "end": 24, "replacement": "<PAYMENT_CARD_1>",
+         "original": "4111 1111 1111 1111"},
+        {"type": "ip_address", "start": 29, "end": 36, "replacement": "<IP_ADDRESS_1>", "original": "8.8.8.8"},
+    ]
+    assert out.stats["found"]["email"] == 4 and out.stats["documents_by_type"]["email"] == 2
+    assert out.stats["examples"][-2:] == [
+        {"id": "d5", "type": "payment_card", "after": "Card <PAYMENT_CARD_1> and <",
+         "before": "Card 4111 1111 1111 1111 and 8"},
+        {"id": "d5", "type": "ip_address", "after": "> and <IP_ADDRESS_1>", "before": "1 and 8.8.8.8"},
+    ]
+    assert [(e["id"], e["type"]) for e in out.stats["examples"][:6]] == [
+        ("d1", "email"), ("d1", "phone"), ("d1", "email"), ("d1", "email"), ("d1", "ip_address"), ("d3", "email")
+    ]
+
+
 def test_missing_text_column_is_a_clear_error():
     with pytest.raises(ValueError, match="no `text` column"):
         scrub_partition(pa.table({"id": ["a"], "body": ["x"]}), PiiConfig(type="pii"))

@@ -152,28 +152,20 @@ def replacement_for(finding: Finding, policy: Policy, pseudonyms: dict[tuple[str
     return finding.value  # annotate
 
 
-def scrub(text: str, findings: list[Finding], config: PiiConfig) -> tuple[str, list[dict[str, Any]]]:
-    """The text with every finding replaced by its policy, and the spans (offsets into `text`)."""
+def scrub(text: str, findings: list[Finding], config: PiiConfig) -> tuple[str, list[str]]:
+    """The text with every finding replaced by its policy, and the replacements in finding order."""
     pseudonyms: dict[tuple[str, str], str] = {}
     pieces: list[str] = []
-    spans: list[dict[str, Any]] = []
+    replacements: list[str] = []
     position = 0
     for finding in findings:
         replacement = replacement_for(finding, config.policy_for(finding.type), pseudonyms, config.hash_salt)
         pieces.append(text[position : finding.start])
         pieces.append(replacement)
+        replacements.append(replacement)
         position = finding.end
-        spans.append(
-            {
-                "type": finding.type,
-                "start": finding.start,
-                "end": finding.end,
-                "replacement": replacement,
-                "original": finding.value if config.store_originals else None,
-            }
-        )
     pieces.append(text[position:])
-    return "".join(pieces), spans
+    return "".join(pieces), replacements
 
 
 def restore_original(scrubbed: str, spans: list[dict[str, Any]]) -> str:
@@ -194,17 +186,13 @@ def restore_original(scrubbed: str, spans: list[dict[str, Any]]) -> str:
     return "".join(pieces)
 
 
-def _example(doc_id: str, text: str, scrubbed: str, span: dict, shift: int, config: PiiConfig) -> dict:
+def _example(doc_id: str, text: str, scrubbed: str, finding: Finding, out_start: int, out_end: int,
+             config: PiiConfig) -> dict:
+    """Before/after context of one finding; `out_start`/`out_end` is its replacement in `scrubbed`."""
     w = config.example_window
-    out_start = span["start"] + shift
-    out_end = out_start + len(span["replacement"])
-    example = {
-        "id": doc_id,
-        "type": span["type"],
-        "after": scrubbed[max(0, out_start - w) : out_end + w],
-    }
+    example = {"id": doc_id, "type": finding.type, "after": scrubbed[max(0, out_start - w) : out_end + w]}
     if config.store_originals:
-        example["before"] = text[max(0, span["start"] - w) : span["end"] + w]
+        example["before"] = text[max(0, finding.start - w) : finding.end + w]
     return example
 
 
@@ -236,17 +224,26 @@ def scrub_partition(table: pa.Table, config: PiiConfig) -> PartitionOutput:
     langs = table.column("lang").to_pylist() if "lang" in table.column_names else [None] * len(texts)
     ids = table.column("id").to_pylist() if "id" in table.column_names else [str(i) for i in range(len(texts))]
 
-    counts_by_type: dict[str, list[int]] = {t: [] for t in ALL_TYPES}
+    # One count list per type and one flat list per span field: the Arrow columns are built from
+    # these in one go instead of from a dict per span and per document. Counts are indexed by kept
+    # row; the slots left over by null texts are cut off below.
+    counts_by_type: dict[str, list[int]] = {t: [0] * len(texts) for t in ALL_TYPES}
+    span_offsets = [0]
+    span_types: list[str] = []
+    span_starts: list[int] = []
+    span_ends: list[int] = []
+    span_replacements: list[str] = []
+    span_originals: list[str | None] = []
     examples: list[dict] = []
     example_counts = dict.fromkeys(ALL_TYPES, 0)
     keep_mask: list[bool] = []
     out_texts: list[str] = []
-    spans_rows: list[list[dict]] = []
     docs_touched = characters = 0
     for doc_id, text, lang in zip(ids, texts, langs):
         if text is None:
             keep_mask.append(False)
             continue
+        row = len(out_texts)
         keep_mask.append(True)
         characters += len(text)
         findings = scanner.scan(text, lang)
@@ -254,39 +251,50 @@ def scrub_partition(table: pa.Table, config: PiiConfig) -> PartitionOutput:
             findings = merge_findings(findings, names.scan(text))
         if not findings:
             out_texts.append(text)
-            spans_rows.append([])
-            for column in counts_by_type.values():
-                column.append(0)
+            span_offsets.append(len(span_types))
             continue
-        scrubbed, spans = scrub(text, findings, config)
-        counts = dict.fromkeys(ALL_TYPES, 0)
-        shift = 0
-        for span in spans:
-            counts[span["type"]] += 1
-            if example_counts[span["type"]] < config.examples_per_type:
-                example_counts[span["type"]] += 1
-                examples.append(_example(doc_id, text, scrubbed, span, shift, config))
-            shift += len(span["replacement"]) - (span["end"] - span["start"])
-        for pii_type, n in counts.items():
-            counts_by_type[pii_type].append(n)
+        scrubbed, replacements = scrub(text, findings, config)
+        shift = 0  # offset in `scrubbed` minus offset in `text` so far
+        for finding, replacement in zip(findings, replacements):
+            counts_by_type[finding.type][row] += 1
+            if example_counts[finding.type] < config.examples_per_type:
+                example_counts[finding.type] += 1
+                out_start = finding.start + shift
+                examples.append(_example(doc_id, text, scrubbed, finding, out_start, out_start + len(replacement),
+                                         config))
+            shift += len(replacement) - (finding.end - finding.start)
+            span_types.append(finding.type)
+            span_starts.append(finding.start)
+            span_ends.append(finding.end)
+            span_replacements.append(replacement)
+            span_originals.append(finding.value if config.store_originals else None)
         docs_touched += 1
         out_texts.append(scrubbed)
-        spans_rows.append(spans)
+        span_offsets.append(len(span_types))
 
     kept = table.filter(pa.array(keep_mask, type=pa.bool_()))
     kept = kept.set_column(kept.schema.get_field_index("text"), "text", pa.array(out_texts, type=pa.string()))
+    counts = {t: column[: len(out_texts)] for t, column in counts_by_type.items()}
     counts_column = pa.StructArray.from_arrays(
-        [pa.array(counts_by_type[t], type=pa.int32()) for t in ALL_TYPES], fields=list(COUNTS_TYPE)
+        [pa.array(counts[t], type=pa.int32()) for t in ALL_TYPES], fields=list(COUNTS_TYPE)
+    )
+    span_values = [span_types, span_starts, span_ends, span_replacements, span_originals]
+    spans_column = pa.ListArray.from_arrays(
+        pa.array(span_offsets, type=pa.int32()),
+        pa.StructArray.from_arrays(
+            [pa.array(values, type=field.type) for values, field in zip(span_values, SPAN_TYPE)], fields=list(SPAN_TYPE)
+        ),
+        type=SPANS_TYPE,
     )
     kept = kept.append_column("pii_counts", counts_column)
-    kept = kept.append_column("pii_spans", pa.array(spans_rows, type=SPANS_TYPE))
+    kept = kept.append_column("pii_spans", spans_column)
     removed = io.with_reason(table.filter(pa.array([not k for k in keep_mask], type=pa.bool_())), "pii:null_text")
     stats = {
         "documents": kept.num_rows,
         "documents_with_pii": docs_touched,
         "characters": characters,
-        "found": {t: sum(column) for t, column in counts_by_type.items()},
-        "documents_by_type": {t: sum(1 for n in column if n) for t, column in counts_by_type.items()},
+        "found": {t: sum(column) for t, column in counts.items()},
+        "documents_by_type": {t: sum(1 for n in column if n) for t, column in counts.items()},
         "removed_by_reason": {"pii:null_text": removed.num_rows},
         "examples": examples,
     }
