@@ -36,13 +36,14 @@ def run(
     force: bool = typer.Option(False, help="Run every stage again, even those already done"),
     only: str | None = typer.Option(None, help="Run only this stage (its inputs must be done)"),
     from_: str | None = typer.Option(None, "--from", help="Run this stage and everything downstream again"),
+    until: str | None = typer.Option(None, help="Stop after this stage: run only it and what it depends on"),
 ) -> None:
     """Run a workflow; stages already done with the same config and input are skipped."""
     from gristmill.pipeline.runner import StageError, run_workflow
 
     try:
         run_dir = run_workflow(
-            workflow, runs_dir=runs_dir, overrides=set_, force=force, only=only, from_stage=from_,
+            workflow, runs_dir=runs_dir, overrides=set_, force=force, only=only, from_stage=from_, until=until,
             scheduler=scheduler, console=console,
         )
     except WorkflowError as error:

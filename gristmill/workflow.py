@@ -95,6 +95,14 @@ class Workflow(BaseModel):
                 affected.add(name)
         return [name for name in self.order() if name in affected]
 
+    def upstream(self, stage: str) -> list[str]:
+        """`stage` and every stage it depends on, directly or not, in dependency order."""
+        needed = {stage}
+        for name in reversed(self.order()):
+            if name in needed:
+                needed.update(self.dependencies(name))
+        return [name for name in self.order() if name in needed]
+
 
 def expand_env(value: Any, where: str) -> Any:
     """Replace `${VAR}` / `${VAR:-default}` in every string of a parsed YAML value."""

@@ -311,3 +311,21 @@ def test_quickstart_crawls_the_sample_site_through_to_a_trained_model(quickstart
         assert statuses[stage].counts["in"] == statuses[upstream].counts["kept"]
     assert statuses["pack"].counts["documents"] == statuses["pii"].counts["kept"]
     assert statuses["train"].counts["steps"] == 40
+
+
+def test_until_runs_a_stage_and_only_what_it_depends_on(tmp_path, corpus):
+    workflow = write_workflow(tmp_path / "until.yaml", fan_in_stages(corpus), dask={"scheduler": "synchronous"})
+    run_dir = run_workflow(workflow, runs_dir=tmp_path / "runs", until="copy")
+    assert [s.state for s in run_status(run_dir)] == ["done", "done", "done", "pending"]
+
+
+def test_web_workflow_reads_warc_files_named_by_the_environment(tmp_path, quickstart_run, monkeypatch):
+    monkeypatch.setenv("WARC_GLOB", str(quickstart_run / "crawl" / "warc" / "*.warc.gz"))
+    run_dir = run_workflow(REPO / "workflows" / "web.yaml", runs_dir=tmp_path / "runs", until="pii",
+                           scheduler="synchronous")
+    statuses = {s.name: s for s in run_status(run_dir)}
+    assert [n for n, s in statuses.items() if s.state == "done"] == ["extract", "filter", "dedup", "pii"]
+    crawled = json.loads((quickstart_run / "crawl" / io.DONE_FILE).read_text())["counts"]["pages_fetched"]
+    assert statuses["extract"].counts["in"] == crawled
+    kept_langs = set(pq.read_table(run_dir / "filter" / io.KEPT, columns=["lang"]).column("lang").to_pylist())
+    assert kept_langs == {"en"}

@@ -357,16 +357,19 @@ def run_stage(workflow: Workflow, stage: str, run_dir: Path, mapper: Callable, c
     return done
 
 
-def stages_to_run(workflow: Workflow, only: str | None, from_stage: str | None) -> tuple[list[str], set[str]]:
+def stages_to_run(
+    workflow: Workflow, only: str | None, from_stage: str | None, until: str | None = None
+) -> tuple[list[str], set[str]]:
     """The stages to consider, in order, and those forced to run again."""
-    for flag, name in (("--only", only), ("--from", from_stage)):
+    for flag, name in (("--only", only), ("--from", from_stage), ("--until", until)):
         if name is not None and name not in workflow.stages:
             raise WorkflowError(f"{flag} {name!r}: {workflow.path} has no such stage (stages: {', '.join(workflow.stages)})")
     if only is not None:
         return [only], {only}
+    order = workflow.upstream(until) if until is not None else workflow.order()
     if from_stage is not None:
-        return workflow.order(), set(workflow.downstream(from_stage))
-    return workflow.order(), set()
+        return order, set(workflow.downstream(from_stage)) & set(order)
+    return order, set()
 
 
 def run_workflow(
@@ -376,6 +379,7 @@ def run_workflow(
     force: bool = False,
     only: str | None = None,
     from_stage: str | None = None,
+    until: str | None = None,
     scheduler: str | None = None,
     console: Console | None = None,
 ) -> Path:
@@ -388,7 +392,7 @@ def run_workflow(
     io.write_bytes_atomic(
         yaml.safe_dump(workflow.raw, sort_keys=False, allow_unicode=True).encode(), run_dir / "workflow.yaml"
     )
-    order, forced = stages_to_run(workflow, only, from_stage)
+    order, forced = stages_to_run(workflow, only, from_stage, until)
     if force:
         forced = set(order)
     console.print(f"[bold]gristmill[/bold] run [cyan]{workflow.name}[/cyan] -> {run_dir}")
