@@ -78,10 +78,17 @@ def status(
     if workflow is not None:
         from gristmill.pipeline.runner import config_hash
 
-        for st in statuses:
+        stale: set[str] = set()
+        by_name = {st.name: st for st in statuses}
+        for name in workflow.order():  # a stage downstream of a stale one is stale too
+            st = by_name.get(name)
+            if st is None or st.state != "done":
+                continue
             done = io.read_json(run_dir / st.name / io.DONE_FILE)
-            if st.state == "done" and st.name in workflow.stages and done["config_hash"] != config_hash(workflow, st.name):
+            changed = done["config_hash"] != config_hash(workflow, st.name)
+            if changed or any(dep in stale for dep in workflow.upstream(st.name)[:-1]):
                 st.state = "stale"
+                stale.add(st.name)
     colours = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "stale": "yellow"}
     table = Table(title=f"run {run_dir}")
     for column in ("stage", "type", "input", "state", "in", "kept", "removed", "other counts", "wall s"):

@@ -257,6 +257,15 @@ def test_cli_run_and_status_print_the_dag(tmp_path, corpus):
     assert set(rows) == {"pages", "notes", "copy", "export"}
     assert "done" in rows["copy"] and " 20 " in rows["copy"]
 
+    changed = yaml.safe_load(workflow.read_text())
+    changed["stages"]["copy"]["drop_shorter_than"] = 5
+    workflow.write_text(yaml.safe_dump(changed, sort_keys=False))
+    shown = subprocess.run([*GRISTMILL, "status", str(workflow), "--runs-dir", str(runs)], cwd=REPO,
+                           env={**subprocess_env(), "COLUMNS": "200"}, check=True, capture_output=True, text=True)
+    states = {line.split("│")[1].strip(): line.split("│")[4].strip() for line in shown.stdout.splitlines()
+              if line.startswith("│") and line.split("│")[1].strip()}
+    assert states == {"pages": "done", "notes": "done", "copy": "stale", "export": "stale"}
+
     bad = subprocess.run([*GRISTMILL, "run", str(workflow), "--set", "copy.speed=3", "--runs-dir", str(runs)],
                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2
