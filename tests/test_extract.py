@@ -350,10 +350,24 @@ def test_bundled_language_model_scores_exactly_as_py3langid(site_output):
     identify = language_identifier(None)
     texts = [text[:limit] for text in site_output.kept.column("text").to_pylist() for limit in (40, 1000, 10_000)]
     texts += ["", "?", "ПРИВЕТ МИР", "日本語のテキスト", "Ceci est une phrase."]
-    for text in texts:
-        lang, score = identify(text)
+    guesses = identify(texts)
+    assert len(guesses) == len(texts)
+    for text, (lang, score) in zip(texts, guesses):
         expected_lang, expected_score = reference.classify(text)
         assert lang == expected_lang and score == pytest.approx(expected_score, abs=1e-5), text[:40]
+
+
+def test_language_guess_of_a_text_does_not_depend_on_the_batch(site_output, monkeypatch):
+    from gristmill.pipeline.langid import ByteNgramNaiveBayes, language_identifier
+
+    identify = language_identifier(None)
+    pages = site_output.kept.column("text").to_pylist()
+    # Texts that end and start inside n-grams, empty ones, control bytes, and several batches.
+    texts = [page[:limit] for page in pages for limit in (1, 3, 1000)] + ["", "\x00ab", "ab\x00", "  "]
+    alone = [identify([text])[0] for text in texts]
+    assert identify(texts) == alone
+    monkeypatch.setattr(ByteNgramNaiveBayes, "BATCH_BYTES", 2_000)
+    assert identify(texts * 3) == alone * 3
 
 
 def test_file_that_is_not_warc_inside_is_one_unreadable_row(tmp_path):

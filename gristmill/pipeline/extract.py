@@ -275,12 +275,14 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
             reasons.append(f"{removal.reason} ({removal.detail})" if removal.detail else removal.reason)
             removed_by_reason[removal.reason] = removed_by_reason.get(removal.reason, 0) + 1
             continue
-        lang, score = identify(row["text"][: config.langid_max_chars])
-        row["lang"], row["lang_score"] = lang, score
-        languages[lang] = languages.get(lang, 0) + 1
         charsets[row["charset"]] = charsets.get(row["charset"], 0) + 1
         text_chars[text_length_bin(len(row["text"]))] += 1
         kept.append(row)
+    # One call for the whole file: the language model scores many pages far faster than one at a time.
+    guesses = identify([row["text"][: config.langid_max_chars] for row in kept])
+    for row, (lang, score) in zip(kept, guesses, strict=True):
+        row["lang"], row["lang_score"] = lang, score
+        languages[lang] = languages.get(lang, 0) + 1
     stats = {
         "extractor": config.extractor,
         "langid_model": langid.model_name(config.langid_model),

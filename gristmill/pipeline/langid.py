@@ -5,15 +5,15 @@ which ships inside the package and runs offline. With a path to a fastText model
 gives ISO 639-1 codes, GlotLID gives codes such as `eng_Latn`) that model is used instead; it
 needs the optional package `fasttext` (`pip install 'gristmill[fasttext]'`).
 
-`identify(text) -> (lang, score)`: `score` is the model's probability in [0, 1] for `lang`.
-Models are loaded once per process.
+`identify(texts) -> [(lang, score), ...]`: one guess per text, in order; `score` is the model's
+probability in [0, 1] for `lang`. A list rather than one text, so a model can score a whole file's
+pages in a few vectorised calls. Models are loaded once per process.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +21,7 @@ from pathlib import Path
 BUNDLED_MODEL = "py3langid"
 FASTTEXT_LABEL_PREFIX = "__label__"
 
-Identify = Callable[[str], tuple[str, float]]
+Identify = Callable[[list[str]], list[tuple[str, float]]]
 
 
 def check_model(model_path: str | None) -> None:
@@ -58,13 +58,21 @@ def _bundled_identifier() -> Identify:
 
 class ByteNgramNaiveBayes:
     """py3langid's model (naive Bayes over byte n-grams) scored with numpy: same features, same
-    probabilities as its `classify`, about three times faster.
+    probabilities as its `classify`, about five times faster on a file's pages.
 
     py3langid finds the n-grams by walking an automaton one byte at a time in Python. No automaton
     state is more than `depth` bytes from the start, so the state after byte i depends only on the
     `depth` bytes ending at i, and all positions advance together in `depth` vectorised steps.
-    Keeps a float32 copy of the n-gram table (about 57 MB) for fast scoring.
+    Texts go in batches, joined by a byte that sends every state back to the start, so one text's
+    n-grams never run into the next one's: a batch's n-grams are found and counted in a few numpy
+    calls, then each text is scored with one product over its own n-grams, the same sum as for the
+    text alone (a guess never depends on the batch). Keeps a float32 copy of the n-gram table
+    (about 57 MB) for fast scoring.
     """
+
+    # Bytes of text per batch: enough that numpy's per-call overhead vanishes, few enough that the
+    # per-byte work arrays (8 bytes a byte) stay a few MB.
+    BATCH_BYTES = 1 << 18
 
     def __init__(self, model) -> None:
         import numpy as np
@@ -84,6 +92,7 @@ class ByteNgramNaiveBayes:
             else:
                 first[label] = column
         self.depth = self._automaton_depth()
+        self.separator = self._reset_byte()
 
     def _automaton_depth(self) -> int:
         """Bytes from the start state to the deepest state (breadth-first over all 256 bytes)."""
@@ -100,39 +109,63 @@ class ByteNgramNaiveBayes:
             seen[frontier] = True
             depth += 1
 
-    def features(self, data: bytes):
-        """(feature ids, counts) of the byte n-grams in `data`."""
+    def _reset_byte(self) -> bytes:
+        """A byte that takes every state back to the start state, which emits no n-gram: the
+        separator between the texts of a batch (a control byte for py3langid's model)."""
         np = self.np
-        b = np.frombuffer(data, dtype=np.uint8)
-        n, d = len(b), self.depth
-        head, state = [], 0
-        for byte in data[: d - 1]:  # the first positions see fewer than `depth` bytes
-            state = self.next_state[self.row_start[state] + byte]
-            head.append(state)
-        states = np.zeros(max(0, n - d + 1), dtype=np.int64)
-        for back in range(d - 1, -1, -1):
-            states = self.next_state[self.row_start[states] + b[d - 1 - back : n - back]]
-        found = self.feature_of_state[np.concatenate([np.asarray(head, dtype=np.int64), states])]
-        return np.unique(found[found >= 0], return_counts=True)
+        transitions = self.next_state.reshape(-1, 256)[np.unique(self.row_start >> 8)]
+        resets = np.flatnonzero((transitions == 0).all(axis=0))
+        if not len(resets) or self.feature_of_state[0] >= 0:
+            raise ValueError("language model: no byte resets the n-gram automaton, so texts cannot be batched")
+        return bytes([int(resets[0])])
 
-    def classify(self, text: str) -> tuple[str, float]:
+    def classify(self, texts: list[str]) -> list[tuple[str, float]]:
+        """(language, probability) of every text, in order."""
+        results: list[tuple[str, float]] = []
+        batch: list[bytes] = []
+        size = 0
+        for text in texts:
+            if text.isupper():
+                text = text.lower()
+            batch.append(unicodedata.normalize("NFC", text).encode("utf-8", errors="surrogatepass"))
+            size += len(batch[-1]) + 1
+            if size >= self.BATCH_BYTES:
+                results += self._classify_batch(batch)
+                batch, size = [], 0
+        if batch:
+            results += self._classify_batch(batch)
+        return results
+
+    def _classify_batch(self, batch: list[bytes]):
         np = self.np
-        if text.isupper():
-            text = text.lower()
-        data = unicodedata.normalize("NFC", text).encode("utf-8", errors="surrogatepass")
-        ids, counts = self.features(data)
-        if len(ids):
-            scores = np.log1p(counts.astype(np.float32)) @ self.log_p_feature[ids] + self.log_prior
-        else:
-            scores = np.zeros(len(self.labels), dtype=np.float32)
-        scores *= 1.0 / math.sqrt(len(data) or 1)  # py3langid's temperature: calibrated across lengths
-        scores = np.exp(scores - scores.max())
-        scores /= scores.sum()
+        n, d = len(batch), self.depth
+        lengths = np.array([len(data) for data in batch], dtype=np.int64)
+        # d - 1 separators in front give the first bytes of the batch a full window, from the start state.
+        b = np.frombuffer(self.separator * (d - 1) + self.separator.join(batch), dtype=np.uint8)
+        positions = len(b) - (d - 1)
+        states = np.zeros(positions, dtype=np.int64)
+        for k in range(d):
+            states = self.next_state[self.row_start[states] + b[k : k + positions]]
+        found = self.feature_of_state[states]
+        text_of = np.repeat(np.arange(n), lengths + 1)[:positions]  # a separator counts to the text before it
+        hit = found >= 0
+        keys, counts = np.unique(text_of[hit] * len(self.log_p_feature) + found[hit], return_counts=True)
+        texts, features = np.divmod(keys, len(self.log_p_feature))
+        weights = np.log1p(counts.astype(np.float32))
+        bounds = np.searchsorted(texts, np.arange(n + 1)).tolist()
+        scores = np.zeros((n, len(self.labels)), dtype=np.float32)  # a text without n-grams: all zero
+        for text, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            if end > start:
+                scores[text] = weights[start:end] @ self.log_p_feature[features[start:end]] + self.log_prior
+        # py3langid's temperature: calibrated across lengths
+        scores *= (1.0 / np.sqrt(np.maximum(lengths, 1))).astype(np.float32)[:, None]
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores /= scores.sum(axis=1, keepdims=True)
         for kept, alias in self.aliases:  # one label with two columns (a language in two scripts)
-            scores[kept] += scores[alias]
-            scores[alias] = 0.0
-        best = int(scores.argmax())
-        return self.labels[best], float(scores[best])
+            scores[:, kept] += scores[:, alias]
+            scores[:, alias] = 0.0
+        best = scores.argmax(axis=1)
+        return [(self.labels[column], float(score)) for column, score in zip(best, scores[np.arange(n), best])]
 
 
 def _fasttext_identifier(model_path: str) -> Identify:
@@ -141,8 +174,9 @@ def _fasttext_identifier(model_path: str) -> Identify:
 
     model = fasttext.load_model(model_path)
 
-    def identify(text: str) -> tuple[str, float]:
-        labels, scores = model.predict(" ".join(text.split()), k=1)  # fastText reads one line
-        return labels[0].removeprefix(FASTTEXT_LABEL_PREFIX), min(1.0, float(scores[0]))
+    def identify(texts: list[str]) -> list[tuple[str, float]]:
+        labels, scores = model.predict([" ".join(text.split()) for text in texts], k=1)  # fastText reads lines
+        return [(label[0].removeprefix(FASTTEXT_LABEL_PREFIX), min(1.0, float(score[0])))
+                for label, score in zip(labels, scores)]
 
     return identify
