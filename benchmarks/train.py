@@ -3,8 +3,10 @@
 Both models get the same width, depth, heads, context and batch, SDPA attention and a plain AdamW
 loop (forward, cross-entropy, backward, clip, step) on the same batches from the same token shards
 (the bundled sample site, encoded with a byte-level BPE trained on it). They run step by step
-alternately in one process so machine noise hits both alike; tokens/s is batch tokens over the
-median step time (robust to the spikes of a shared machine), after untimed warm-up steps.
+alternately in one process (each going first on every other step) so machine noise hits both
+alike; tokens/s is batch tokens over the median step time (robust to the spikes of a shared
+machine), after untimed warm-up steps, and the ratio is the median over steps of the reference's
+step time over gristmill's on the same batch.
 
 On CUDA both run in bf16 autocast (and `--compile` compiles both) and MFU is reported from
 gristmill's FLOPs formula (`GPT.flops_per_token`: 6N + 12·L·H·Q·T) and the GPU's peak bf16 rate.
@@ -140,7 +142,8 @@ def main() -> None:
         }
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         for step in range(1, warmup + steps + 1):  # alternate step by step: noise hits both alike
-            for name, step_fn in runs.items():
+            order = list(runs.items()) if step % 2 else list(runs.items())[::-1]  # neither always goes first
+            for name, step_fn in order:
                 elapsed = timed_step(step_fn, loader, step, device)
                 if step > warmup:  # the first steps (and compilation) are not timed
                     seconds[name].append(elapsed)
@@ -148,6 +151,9 @@ def main() -> None:
     tokens_per_step = config.batch_size * config.seq_len
     tokens_per_s = tokens_per_step / float(np.median(seconds["gristmill"]))
     reference = tokens_per_step / float(np.median(seconds["transformers"]))
+    # the ratio pairs each step with the reference's step of the same batch, run right beside it,
+    # so a load change on a shared machine between pairs cancels out
+    ratio = float(np.median(np.array(seconds["transformers"]) / np.array(seconds["gristmill"])))
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None) if device.type == "cuda" else None
     mfu = ours.flops_per_token() * tokens_per_s / peak if peak else None
     print(
@@ -164,7 +170,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "tokens_per_s": round(tokens_per_s, 1),
         "reference_tokens_per_s": round(reference, 1),
-        "ratio": round(tokens_per_s / reference, 3),
+        "ratio": round(ratio, 3),
         "mfu": None if mfu is None or math.isnan(mfu) else round(mfu, 4),
         "target": 1.2,
     }

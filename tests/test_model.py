@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from gristmill.model.config import TrainConfig, load_config
-from gristmill.model.model import GPT, GPTConfig, alibi_slopes, apply_rotary, filter_logits, rotary_tables
+from gristmill.model.model import (
+    GPT,
+    CausalSelfAttention,
+    GPTConfig,
+    RMSNorm,
+    RMSNormFunction,
+    alibi_slopes,
+    apply_rotary,
+    filter_logits,
+    rotary_tables,
+)
 from gristmill.model.train import learning_rate_at
 
 VOCAB = 97
@@ -102,6 +112,57 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
     assert score(7, 3) == pytest.approx(score(20, 16), rel=1e-5)
     assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-3)
     assert float(apply_rotary(q[None, :], cos[9:10], sin[9:10]).norm()) == pytest.approx(float(q.norm()), rel=1e-5)
+
+
+def test_cpu_rmsnorm_matches_the_formula_forward_and_backward():
+    torch.manual_seed(0)
+    norm = RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 5, 48) * 3 + 1).requires_grad_()
+    upstream = torch.randn(3, 5, 48)
+    out = norm(x)
+    grad_x, grad_w = torch.autograd.grad((out * upstream).sum(), (x, norm.weight))
+    plain = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    want_x, want_w = torch.autograd.grad((plain * upstream).sum(), (x, norm.weight))
+    torch.testing.assert_close(out, plain)
+    torch.testing.assert_close(grad_x, want_x)
+    torch.testing.assert_close(grad_w, want_w)
+    torch.testing.assert_close(out, torch.nn.functional.rms_norm(x, (48,), norm.weight, norm.eps))
+    double = (torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True), torch.rand(8, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), double)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_attention_matches_a_plain_per_head_computation(position):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB, seq_len=16, n_head=2, n_embd=32, position=position)
+    attention = CausalSelfAttention(config)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    cos, sin = rotary_tables(config.head_size, config.seq_len, config.rope_base)
+    rotary = (cos[:12], sin[:12]) if position == "rope" else None
+    out = attention(x, rotary)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:  # pair (t[i], t[i + 8]) turned by position * base^(-i/8)
+        angle = torch.arange(12.0)[:, None] * 10000.0 ** (-torch.arange(8.0) / 8)
+        a, b = t[..., :8], t[..., 8:]
+        return torch.cat((a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()), dim=-1)
+
+    q, k, v = (x @ attention.qkv.weight.T).split(32, dim=-1)
+    heads = []
+    for h in range(2):
+        qh, kh, vh = (t[..., 16 * h : 16 * (h + 1)] for t in (q, k, v))
+        if position == "rope":
+            qh, kh = rotate(qh), rotate(kh)
+        scores = (qh @ kh.transpose(1, 2) / 4.0).masked_fill(torch.ones(12, 12).triu(1).bool(), float("-inf"))
+        heads.append(scores.softmax(-1) @ vh)
+    plain = torch.cat(heads, dim=-1) @ attention.proj.weight.T
+    torch.testing.assert_close(out, plain)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad((out * upstream).sum(), (x, attention.qkv.weight))
+    want = torch.autograd.grad((plain * upstream).sum(), (x, attention.qkv.weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_alibi_slopes_follow_the_paper():

@@ -68,7 +68,33 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward for CPU, where `F.rms_norm` is a composite of about
+    sixteen full-size kernels (forward and autograd backward) and this takes ten: on a shared
+    CPU every elementwise kernel waits for all threads, so the kernel count is the cost."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1))
+        rstd = mean_square.add_(eps).rsqrt_()
+        normed = x * rstd
+        ctx.save_for_backward(normed, weight, rstd)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        normed, weight, rstd = ctx.saved_tensors
+        grad_normed = grad * weight
+        grad_weight = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        # d(x * rstd)/dx projects out the component along x: (g - xhat * mean(g * xhat)) * rstd
+        mean_dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_normed, normed, mean_dot, value=-1).mul_(rstd)
+        return grad_x, grad_weight, None
 
 
 def rotary_tables(head_size: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +106,11 @@ def rotary_tables(head_size: int, length: int, base: float) -> tuple[torch.Tenso
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[i], x[i + D/2]) of (..., T, D) by its position's angle: four kernels,
-    x * cos + (x2, x1) * sin, which matters on CPU where every elementwise op costs."""
+    """Rotate each pair (x[i], x[i + D/2]) of (..., D) by its position's angle (cos and sin
+    broadcast against x): three kernels, x * cos + (x2, x1) * sin with the last two fused in one
+    addcmul, which matters on CPU where every elementwise op costs."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
+    return torch.addcmul(x * cos.to(x.dtype), torch.cat((x2, x1), dim=-1), sin.to(x.dtype))
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -130,12 +157,15 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rotary=None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.config.n_head, self.config.head_size
-        qkv = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        # split, not slicing a permuted view: its backward is one cat instead of zero-filled
+        # buffers, copies and an add, and the gradient reaches the projection contiguous
+        qk, v = self.qkv(x).split((2 * C, C), dim=-1)
+        qk = qk.view(B, T, 2, H, D)
         if rotary is not None:
-            q, k = apply_rotary(qkv[:2], *rotary)  # queries and keys in one pass
-            v = qkv[2]
-        else:
-            q, k, v = qkv
+            cos, sin = rotary
+            qk = apply_rotary(qk, cos[:, None, None], sin[:, None, None])  # queries and keys in one pass
+        q, k = qk.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         dropout = self.config.dropout if self.training else 0.0
         plain_causal = self.config.sliding_window is None and prefix_len is None
         if plain_causal and self.config.position != "alibi":
