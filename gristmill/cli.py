@@ -100,7 +100,8 @@ def status(
         state = f"[{colours.get(st.state, 'white')}]{st.state}[/]"
         wall = f"{st.wall_time_s:.1f}" if st.wall_time_s is not None and st.state == "done" else ""
         table.add_row(st.name, st.type, ", ".join(st.inputs), state, *main, other, wall)
-    Console().print(table)
+    # Piped output (CI logs, files) gets a wide table instead of the 80-column default.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     for st in statuses:
         if st.state == "failed" and st.error:
             console.print(f"[red]{st.name} failed:[/red] {st.error}")
