@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from resiliparse.extract.html2text import extract_plain_text
 from scipy import sparse
 
-from gristmill import DATA_DIR
+from benchmarks.sample_pages import sample_pages
 from gristmill.pipeline import io
 from gristmill.pipeline import minhash as mh
 from gristmill.pipeline.dedup import DedupConfig
@@ -48,12 +47,7 @@ EDIT_RATES = [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]
 
 
 def page_texts(min_words: int = 100) -> list[str]:
-    texts = []
-    for page in sorted((DATA_DIR / "sample_site").rglob("*.html")):
-        text = extract_plain_text(page.read_text(errors="replace"))
-        if len(text.split()) >= min_words:
-            texts.append(text)
-    return texts
+    return [p.text for p in sample_pages(main_content=False) if len(p.text.split()) >= min_words]
 
 
 def edit(words: list[str], rate: float, rng: random.Random) -> list[str]:

@@ -28,23 +28,15 @@ from datatrove.pipeline.filters import (
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
-from resiliparse.extract.html2text import extract_plain_text
-from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 
-from gristmill import DATA_DIR
+from benchmarks.sample_pages import sample_pages
 from gristmill.pipeline.filters import FilterConfig, filter_documents
 
 SEED = 1234
 
 
 def page_texts() -> list[str]:
-    texts = []
-    for path in sorted((DATA_DIR / "sample_site").rglob("*.html")):
-        data = path.read_bytes()
-        text = extract_plain_text(bytes_to_str(data, detect_encoding(data)), main_content=True)
-        if text.strip():
-            texts.append(text)
-    return texts
+    return [p.text for p in sample_pages() if p.text.strip()]
 
 
 def edited_copies(pages: list[str], count: int, seed: int = SEED) -> list[str]:

@@ -25,9 +25,8 @@ from collections import Counter
 
 import phonenumbers
 import pyarrow as pa
-from resiliparse.extract.html2text import extract_plain_text
 
-from gristmill import DATA_DIR
+from benchmarks.sample_pages import sample_pages
 from gristmill.pipeline import io
 from gristmill.pipeline.pii import PiiConfig, scrub_partition
 from gristmill.pipeline.pii_detectors import IBAN_LENGTHS, STRUCTURED_TYPES, is_phone, luhn_valid
@@ -39,14 +38,7 @@ LANG_REGION = {"de": "DE", "fr": "FR", "es": "ES", "it": "IT", "pt": "BR", "ja":
 
 def load_pages() -> list[tuple[str, str]]:
     """(text, lang) of every sample-site page; the handbook's folder names give the language."""
-    pages = []
-    for path in sorted((DATA_DIR / "sample_site").rglob("*.html")):
-        text = extract_plain_text(path.read_text(errors="replace"), main_content=True)
-        parts = path.relative_to(DATA_DIR / "sample_site").parts
-        lang = parts[1].split("-")[0] if parts[0] == "handbook" and len(parts) > 2 else "en"
-        if len(text) > 200:
-            pages.append((text, lang))
-    return pages
+    return [(p.text, p.lang) for p in sample_pages() if len(p.text) > 200]
 
 
 def token(rng: random.Random, alphabet: str, n: int) -> str:

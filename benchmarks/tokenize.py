@@ -14,26 +14,18 @@ Last line: {"benchmark": "tokenize", "train_overhead": ..., "pack_ratio": ..., "
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as `python benchmarks/tokenize.py`, this file's folder comes first on sys.path and the file
-# would shadow the standard library's `tokenize` (imported by linecache, inspect, pyarrow...).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from resiliparse.extract.html2text import extract_plain_text
 
-from gristmill import DATA_DIR
+from benchmarks.sample_pages import sample_pages
 from gristmill.tokenize import recipes
 from gristmill.tokenize.corpus import Sample, iter_documents
 from gristmill.tokenize.pack import pack, serial_map
@@ -43,10 +35,7 @@ from gristmill.tokenize.train import load_tokenizer, save_tokenizer, train_token
 
 def build_corpus(folder: Path, n_docs: int, docs_per_part: int, seed: int = 0) -> list[Path]:
     """Documents of 5-40 random paragraphs from the sample site's pages, as Parquet parts."""
-    paragraphs = []
-    for page in sorted((DATA_DIR / "sample_site").rglob("*.html")):
-        text = extract_plain_text(page.read_text(errors="replace"), main_content=True)
-        paragraphs += [p for p in text.split("\n") if len(p) > 40]
+    paragraphs = [line for page in sample_pages() for line in page.text.split("\n") if len(line) > 40]
     rng = random.Random(seed)
     docs = [
         {"id": f"doc-{i}", "text": "\n".join(rng.choices(paragraphs, k=rng.randint(5, 40)))}

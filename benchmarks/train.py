@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from resiliparse.extract.html2text import extract_plain_text
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gristmill import DATA_DIR
+from benchmarks.sample_pages import sample_pages
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import TrainLoader
 from gristmill.model.model import GPT
@@ -43,8 +42,7 @@ SEED = 1234
 
 def build_shards(folder: Path, vocab_size: int) -> Path:
     """Every bundled sample page as text, a byte-level BPE trained on it, one EOS-separated shard."""
-    pages = sorted((DATA_DIR / "sample_site").rglob("*.html"))
-    texts = [extract_plain_text(p.read_text(errors="replace")) for p in pages]
+    texts = [p.text for p in sample_pages(main_content=False)]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
