@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastwarc.warc import ArchiveIterator as FastArchiveIterator
@@ -24,7 +25,7 @@ from fastwarc.warc import WarcRecordType
 from warcio.archiveiterator import ArchiveIterator
 
 from gristmill import DATA_DIR
-from gristmill.pipeline.crawl import CrawlConfig, run_crawl
+from gristmill.pipeline.crawl import CrawlConfig, crawl_stats, run_crawl
 from gristmill.pipeline.crawl_safety import AddressPolicy, GuardedTransport, UnsafeAddressError
 
 SAMPLE = DATA_DIR / "sample_site"
@@ -251,6 +252,72 @@ def test_crawl_follows_rules_of_the_site(site, trap, tmp_path):
     assert any(e["url"].endswith("/slow") for e in result.stats["crawl"]["errors"])
 
 
+def log_parts(folder: Path) -> pa.Table:
+    """The `crawl_log/part-*.parquet` files, concatenated in part order."""
+    return pa.concat_tables(pq.read_table(p) for p in sorted((folder / "crawl_log").glob("part-*.parquet")))
+
+
+@pytest.fixture
+def robots_site():
+    """Pages with rel="nofollow" links and meta robots nofollow / noindex / none."""
+
+    def meta(title: str, name: str, content: str, links: list[str]) -> bytes:
+        return page(title, links).replace(b"<title>", f'<meta name="{name}" content="{content}"><title>'.encode())
+
+    routes = {
+        "/robots.txt": static(b"User-agent: *\nAllow: /\n", "text/plain"),
+        "/": lambda h: h.reply(200, page("home", ["/plain.html", "/noindex.html", "/meta-nofollow.html",
+                                                   "/bot-nofollow.html", "/none.html"],
+                                         body='<a href="/rel-nofollow.html" rel="ugc nofollow">x</a>')),
+        "/plain.html": static(page("plain")),
+        "/rel-nofollow.html": static(page("rel nofollow")),
+        "/noindex.html": static(meta("noindex", "robots", "noindex", ["/after-noindex.html"])),
+        "/after-noindex.html": static(page("after noindex")),
+        "/meta-nofollow.html": static(meta("meta nofollow", "robots", "nofollow", ["/hidden-1.html"])),
+        "/bot-nofollow.html": static(meta("bot nofollow", UA.split("/")[0], "NOFOLLOW", ["/hidden-2.html"])),
+        "/none.html": static(meta("none", "Robots", "none", ["/hidden-3.html"])),
+        **{f"/hidden-{i}.html": static(page(f"hidden {i}")) for i in (1, 2, 3)},
+    }
+    server = Site(routes)
+    yield server
+    server.close()
+
+
+def test_meta_robots_and_rel_nofollow_are_obeyed_and_noindex_is_kept_but_marked(robots_site, tmp_path):
+    result = run_crawl(crawl_config([robots_site.url + "/"]), tmp_path)
+    paths = set(robots_site.paths())
+    assert not paths & {"/rel-nofollow.html", "/hidden-1.html", "/hidden-2.html", "/hidden-3.html"}
+    stored = {url.removeprefix(robots_site.url) for url, *_ in warc_responses(tmp_path)}
+    assert stored == {"/", "/plain.html", "/noindex.html", "/after-noindex.html", "/meta-nofollow.html",
+                      "/bot-nofollow.html", "/none.html"}
+    log = {r["url"].removeprefix(robots_site.url): r for r in pq.read_table(tmp_path / "crawl_log.parquet").to_pylist()}
+    assert log["/noindex.html"]["robots_meta"] == "noindex" and log["/noindex.html"]["error"] is None
+    assert log["/meta-nofollow.html"]["robots_meta"] == "nofollow"
+    assert log["/bot-nofollow.html"]["robots_meta"] == "nofollow"
+    assert log["/none.html"]["robots_meta"] == "nofollow,noindex,none"
+    assert log["/plain.html"]["robots_meta"] is None
+    assert result.counts["robots_meta_noindex"] == 2 and result.counts["robots_meta_nofollow"] == 3
+    assert result.counts["pages_fetched"] == 7
+
+
+def test_meta_robots_and_rel_nofollow_can_be_ignored(robots_site, tmp_path):
+    config = crawl_config([robots_site.url + "/"], obey_meta_robots=False, follow_nofollow_links=True)
+    result = run_crawl(config, tmp_path)
+    assert {"/rel-nofollow.html", "/hidden-1.html", "/hidden-2.html", "/hidden-3.html"} <= set(robots_site.paths())
+    assert result.counts["pages_fetched"] == 11
+    assert result.counts["robots_meta_nofollow"] == 3  # still recorded, not obeyed
+
+
+def test_crawl_log_parts_hold_the_log_in_order_and_give_the_same_stats(site, tmp_path):
+    result = run_crawl(crawl_config([site.url + "/"], log_part_rows=3), tmp_path)
+    parts = sorted(p.name for p in (tmp_path / "crawl_log").glob("*"))
+    log = pq.read_table(tmp_path / "crawl_log.parquet")
+    assert len(parts) > 3 and parts == [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    assert log_parts(tmp_path).to_pylist() == log.to_pylist()
+    counts, stats = crawl_stats(log_parts(tmp_path))
+    assert stats == result.stats and {**counts, "warc_files": result.counts["warc_files"]} == result.counts
+
+
 def test_redirect_to_address_outside_allow_list_is_refused_before_connecting(site, trap, tmp_path):
     # any host is in scope and robots.txt is ignored, so only the address check stands in the way
     config = crawl_config([site.url + "/redirect-out"], same_host=False, obey_robots=False)
@@ -394,7 +461,8 @@ def test_killed_crawl_restarts_and_fetches_every_page_exactly_once(tmp_path):
                  **{path: static(page(path, links)) for path, links in pages.items()}})
     out = tmp_path / "crawl"
     command = [sys.executable, "-m", "gristmill.cli", "crawl", site.url + "/p/0.html", "--out", str(out),
-               "--allow-network", "127.0.0.1/32", "--delay", "0.25", "--max-depth", "10", "--concurrency", "2"]
+               "--allow-network", "127.0.0.1/32", "--delay", "0.25", "--max-depth", "10", "--concurrency", "2",
+               "--log-part-rows", "3"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     try:
         first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -415,6 +483,8 @@ def test_killed_crawl_restarts_and_fetches_every_page_exactly_once(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert 8 <= done < 30
+        # the log parts written so far can be read while the crawl is unfinished
+        assert not (out / "crawl_log.parquet").exists() and log_parts(out).num_rows >= 3
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 0, second.stderr
     finally:
@@ -422,3 +492,7 @@ def test_killed_crawl_restarts_and_fetches_every_page_exactly_once(tmp_path):
     assert Counter(site.paths()) == {"/robots.txt": 1, **{path: 1 for path in pages}}
     stored = Counter(url.removeprefix(site.url) for url, *_ in warc_responses(out))
     assert stored == {path: 1 for path in pages}
+    # nothing logged twice: the parts are the whole log, each page once
+    log = pq.read_table(out / "crawl_log.parquet")
+    assert log_parts(out).to_pylist() == log.to_pylist()
+    assert Counter(url.removeprefix(site.url) for url in log.column("url").to_pylist()) == Counter(site.paths())

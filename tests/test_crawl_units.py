@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from warcio.archiveiterator import ArchiveIterator
 
-from gristmill.pipeline.crawl import extract_links
+from gristmill.pipeline.crawl import read_links
 from gristmill.pipeline.crawl_frontier import Scope, normalize_url
 from gristmill.pipeline.crawl_safety import AddressPolicy
 from gristmill.pipeline.crawl_warc import Exchange, WarcRoller, identify_payload_type
@@ -76,11 +76,24 @@ def test_identify_payload_type_sniffs_bytes():
     assert identify_payload_type(b"\x00\x01", None) == "application/octet-stream"
 
 
-def test_extract_links_uses_base_and_declared_charset():
+def test_read_links_uses_base_and_declared_charset():
     html = '<html><head><base href="/docs/"></head><body><a href="a.html">à</a><area href="/b"></body></html>'
-    links = extract_links(html.encode("latin-1"), "http://h.example/x/y.html", "text/html; charset=latin-1")
-    assert links == ["http://h.example/docs/a.html", "http://h.example/b"]
-    assert extract_links(b'<a href="z">', "http://h.example/", "text/html; charset=bogus") == ["http://h.example/z"]
+    page = read_links(html.encode("latin-1"), "http://h.example/x/y.html", "text/html; charset=latin-1")
+    assert page.links == ["http://h.example/docs/a.html", "http://h.example/b"]
+    assert page.nofollow_links == [] and page.robots == set()
+    assert read_links(b'<a href="z">', "http://h.example/", "text/html; charset=bogus").links == ["http://h.example/z"]
+
+
+def test_read_links_separates_nofollow_links_and_reads_meta_robots_addressed_to_the_crawler():
+    html = (b'<html><head><meta name="ROBOTS" content="NoIndex, "><meta name="otherbot" content="nofollow">'
+            b'<meta name="gristmill" content="noarchive"></head><body><a href="/a" rel="external NoFollow">a</a>'
+            b'<a href="/b" rel="noopener">b</a><area href="/c" rel="nofollow"></body></html>')
+    page = read_links(html, "http://h.example/", "text/html", ("robots", "gristmill"))
+    assert page.links == ["http://h.example/b"]
+    assert page.nofollow_links == ["http://h.example/a", "http://h.example/c"]
+    assert page.robots == {"noindex", "noarchive"}
+    none = read_links(b'<meta name="robots" content="none">', "http://h.example/", "text/html")
+    assert {"noindex", "nofollow"} <= none.robots
 
 
 def exchange(n: int) -> Exchange:

@@ -4,13 +4,18 @@ Output, in the stage folder (the contract with `extract`):
 
     warc/crawl-00000.warc.gz ...   request + response records of every page kept (gzip per record)
     crawl_log.parquet              one row per fetch attempt outcome (url, status, content_type,
-                                   bytes, fetch_time, elapsed_s, depth, error)
+                                   bytes, fetch_time, elapsed_s, depth, error, robots_meta)
+    crawl_log/part-00000.parquet   the same rows, written in parts while the crawl runs
     crawl_state.sqlite             the resume state (seen URLs, done URLs, robots.txt, WARC position)
 
 Only 2xx responses with a kept content type go into the WARC files (as Common Crawl's main WARCs);
 redirects, errors and skipped pages are in the crawl log. A redirect is not followed inline: its
 target is queued like a link (same depth, one more redirect hop), so every hop gets the same scope,
 robots.txt, politeness, de-duplication and address checks as any other URL.
+
+Links marked `rel="nofollow"`, and every link of a page whose `<meta name="robots">` says `nofollow`,
+are not followed (as CCBot does). A page whose meta robots says `noindex` is still kept in the WARC
+(the directive is about search indexes, and the page's bytes carry it); the log row records it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -67,6 +73,8 @@ class CrawlConfig(StageConfig):
     delay_s: float = Field(1.0, ge=0)
     max_crawl_delay_s: float = Field(30.0, ge=0)
     obey_robots: bool = True
+    obey_meta_robots: bool = True
+    follow_nofollow_links: bool = False
     same_host: bool = True
     allowed_domains: list[str] = []
     include: list[str] = []
@@ -80,6 +88,8 @@ class CrawlConfig(StageConfig):
     allow_networks: list[str] = []
     warc_max_bytes: int = Field(1024 * 1024 * 1024, ge=1)
     warc_prefix: str = Field("crawl", pattern=r"^[A-Za-z0-9_.]+$")
+    log_part_rows: int = Field(1000, ge=1)
+    log_part_interval_s: float = Field(10.0, ge=0)
 
     @field_validator("allow_networks")
     @classmethod
@@ -107,20 +117,45 @@ def _charset(content_type: str | None) -> str | None:
     return None
 
 
-def extract_links(body: bytes, url: str, content_type: str | None) -> list[str]:
-    """Absolute targets of `<a href>` / `<area href>` in an HTML page, resolved against `<base>`."""
+@dataclass
+class PageLinks:
+    """What the crawler reads from an HTML page: where it links to and what its meta robots say."""
+
+    links: list[str] = field(default_factory=list)  # absolute targets without rel="nofollow"
+    nofollow_links: list[str] = field(default_factory=list)  # absolute targets with rel="nofollow"
+    robots: set[str] = field(default_factory=set)  # meta robots directives, lower-case ("none" expanded)
+
+
+def read_links(body: bytes, url: str, content_type: str | None, robots_names: tuple[str, ...] = ("robots",)
+               ) -> PageLinks:
+    """The `<a href>` / `<area href>` targets of an HTML page (resolved against `<base>`) and the
+    directives of its `<meta name=...>` tags whose name is one of `robots_names` (lower-case)."""
     encoding = _charset(content_type) or detect_encoding(body)
     try:
         tree = HTMLTree.parse_from_bytes(body, encoding)
     except LookupError:  # an unknown declared charset
         tree = HTMLTree.parse_from_bytes(body, detect_encoding(body))
+    page = PageLinks()
     if tree.document is None:
-        return []
+        return page
+    for meta in tree.document.query_selector_all("meta[name][content]"):
+        if meta.getattr("name").strip().lower() in robots_names:
+            directives = {d.strip().lower() for d in meta.getattr("content").split(",")} - {""}
+            page.robots |= directives | ({"noindex", "nofollow"} if "none" in directives else set())
     base = url
     base_element = tree.head.query_selector("base[href]") if tree.head is not None else None
     if base_element is not None:
         base = urljoin(url, base_element.getattr("href").strip())
-    return [urljoin(base, e.getattr("href").strip()) for e in tree.document.query_selector_all("a[href], area[href]")]
+    for element in tree.document.query_selector_all("a[href], area[href]"):
+        nofollow = "nofollow" in (element.getattr("rel") or "").lower().split()
+        (page.nofollow_links if nofollow else page.links).append(urljoin(base, element.getattr("href").strip()))
+    return page
+
+
+def _robots_names(user_agent: str) -> tuple[str, ...]:
+    """Meta tag names addressed to this crawler: `robots` and the user agent's product token."""
+    token = user_agent.split("/", 1)[0].split()[0].lower() if user_agent.strip() else ""
+    return ("robots", token) if token else ("robots",)
 
 
 def _retry_after(value: str | None, now: datetime) -> float | None:
@@ -164,6 +199,8 @@ class Crawler:
         self.scope = Scope.build(seeds, config.same_host, config.allowed_domains, config.include, config.exclude)
         self.state = CrawlState(self.folder)
         self.stored = self.state.pages_stored()
+        self.robots_names = _robots_names(config.user_agent)
+        self._log_part_at = time.monotonic()
         self._robots: dict[str, Protego] = {}
         self._robots_locks: dict[str, asyncio.Lock] = {}
 
@@ -186,6 +223,7 @@ class Crawler:
         ) as self.client:
             await asyncio.gather(*(self._worker() for _ in range(config.concurrency)))
         self.warc.close()
+        self.state.write_log_part(self.folder)
 
     async def _worker(self) -> None:
         while (entry := await self.frontier.pop()) is not None:
@@ -193,6 +231,15 @@ class Crawler:
                 await self._process(entry)
             finally:
                 await self.frontier.release(entry)
+            self._write_log_part_if_due()
+
+    def _write_log_part_if_due(self) -> None:
+        """A new `crawl_log/` part every `log_part_rows` rows or `log_part_interval_s` seconds."""
+        now = time.monotonic()
+        if (self.state.unwritten_log_rows() >= self.config.log_part_rows
+                or now - self._log_part_at >= self.config.log_part_interval_s):
+            self.state.write_log_part(self.folder)
+            self._log_part_at = now
 
     async def _process(self, entry: FrontierEntry) -> None:
         config = self.config
@@ -222,11 +269,14 @@ class Crawler:
         if stored:
             position = self.warc.write(fetched.exchange)
             self.stored += 1
-            if entry.depth < config.max_depth and _media_type(fetched.content_type) in (
-                "text/html", "application/xhtml+xml"
-            ):
-                discovered = self._in_scope(extract_links(fetched.body, entry.url, fetched.content_type),
-                                            entry.depth + 1, 0)
+            if _media_type(fetched.content_type) in ("text/html", "application/xhtml+xml"):
+                page = read_links(fetched.body, entry.url, fetched.content_type, self.robots_names)
+                row.robots_meta = ",".join(sorted(page.robots)) or None
+                links = page.links + (page.nofollow_links if config.follow_nofollow_links else [])
+                if config.obey_meta_robots and "nofollow" in page.robots:
+                    links = []
+                if entry.depth < config.max_depth:
+                    discovered = self._in_scope(links, entry.depth + 1, 0)
         elif fetched.location is not None:
             row.error, discovered = self._follow_redirect(entry, fetched.location)
         new = self.state.finish(entry, stored, [row], discovered, position)
@@ -385,6 +435,8 @@ def crawl_stats(log: pa.Table, top: int = 20, max_errors: int = 200) -> tuple[di
         "errors": len(errors),
         "bytes": sum(r["bytes"] for r in pages),
         "robots_disallowed": sum(1 for r in rows if r["error"] == "robots.txt disallows"),
+        "robots_meta_noindex": sum(1 for r in pages if "noindex" in (r["robots_meta"] or "").split(",")),
+        "robots_meta_nofollow": sum(1 for r in pages if "nofollow" in (r["robots_meta"] or "").split(",")),
     }
     stats = {
         "crawl": {
@@ -426,6 +478,9 @@ def _seed_urls(config: CrawlConfig, base_dir: Path, served_root: str | None) -> 
 
 def run_crawl(config: CrawlConfig, folder: str | Path, base_dir: str | Path = ".") -> StageResult:
     """Crawl into `folder` (resuming what is there), write `crawl_log.parquet`, return counts and stats.
+
+    `crawl_log.parquet` is written when the crawl ends; `crawl_log/` holds the same rows in parts
+    written while it runs (see `CrawlState.write_log_part`).
 
     `base_dir` is where relative `serve_directory` and `seeds_file` paths start (the workflow's folder).
     """

@@ -44,6 +44,12 @@ def crawl_command(
         _default("content_types"), help="Media types kept (repeatable)"
     ),
     obey_robots: bool = typer.Option(True, help="Obey robots.txt"),
+    obey_meta_robots: bool = typer.Option(True, help="Follow no link of a page whose meta robots says nofollow"),
+    follow_nofollow_links: bool = typer.Option(False, help='Also follow links marked rel="nofollow"'),
+    log_part_rows: int = typer.Option(_default("log_part_rows"), help="Write a crawl_log/ part every this many rows"),
+    log_part_interval: float = typer.Option(
+        _default("log_part_interval_s"), help="... or every this many seconds, whichever comes first"
+    ),
 ) -> None:
     """Crawl SEED URLs into --out (WARC files + crawl log); run it again to resume."""
     try:
@@ -68,6 +74,10 @@ def crawl_command(
             max_body_bytes=max_body_bytes,
             content_types=content_type,
             obey_robots=obey_robots,
+            obey_meta_robots=obey_meta_robots,
+            follow_nofollow_links=follow_nofollow_links,
+            log_part_rows=log_part_rows,
+            log_part_interval_s=log_part_interval,
         )
         result = run_crawl(config, out, base_dir=Path.cwd())
     except (ValidationError, ValueError, OSError) as error:

@@ -5,6 +5,9 @@ done, the crawl log, robots.txt bodies, and how many bytes of the current WARC f
 The outcome of one fetch (URL done, links found, log rows, WARC position) is one transaction, so a
 crawl killed at any moment restarts from a consistent state: the WARC file is cut back to the last
 committed byte and every URL not marked done is fetched again.
+
+The log is also copied, while the crawl runs, into `crawl_log/part-NNNNN.parquet` files (each the
+committed rows after the previous part), so a running crawl can be watched.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from gristmill.pipeline import io
 from gristmill.pipeline.crawl_frontier import FrontierEntry
 
 STATE_FILE = "crawl_state.sqlite"
+LOG_PARTS_FOLDER = "crawl_log"
 
 LOG_SCHEMA = pa.schema(
     [
@@ -30,8 +35,10 @@ LOG_SCHEMA = pa.schema(
         ("elapsed_s", pa.float64()),
         ("depth", pa.int32()),
         ("error", pa.string()),
+        ("robots_meta", pa.string()),
     ]
 )
+_INSERT_LOG = "INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -45,7 +52,7 @@ CREATE TABLE IF NOT EXISTS urls (
 );
 CREATE TABLE IF NOT EXISTS log (
     url TEXT, status INTEGER, content_type TEXT, bytes INTEGER, fetch_time TEXT,
-    elapsed_s REAL, depth INTEGER, error TEXT
+    elapsed_s REAL, depth INTEGER, error TEXT, robots_meta TEXT
 );
 CREATE TABLE IF NOT EXISTS robots (origin TEXT PRIMARY KEY, status INTEGER, body BLOB);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -64,10 +71,11 @@ class LogRow:
     elapsed_s: float
     depth: int | None
     error: str | None
+    robots_meta: str | None = None  # the page's meta robots directives, e.g. "noindex,nofollow"
 
     def as_tuple(self) -> tuple:
         return (self.url, self.status, self.content_type, self.bytes, self.fetch_time.isoformat(),
-                self.elapsed_s, self.depth, self.error)
+                self.elapsed_s, self.depth, self.error, self.robots_meta)
 
 
 class CrawlState:
@@ -80,6 +88,8 @@ class CrawlState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_TABLES)
+        if "robots_meta" not in [row[1] for row in self._db.execute("PRAGMA table_info(log)")]:
+            self._db.execute("ALTER TABLE log ADD COLUMN robots_meta TEXT")  # a state from before the column
 
     def close(self) -> None:
         self._db.close()
@@ -120,7 +130,7 @@ class CrawlState:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("UPDATE urls SET done = 1, stored = ? WHERE url = ?", (int(stored), entry.url))
-            self._db.executemany("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [r.as_tuple() for r in log])
+            self._db.executemany(_INSERT_LOG, [r.as_tuple() for r in log])
             if warc_position is not None:
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('warc_position', ?)", (warc_position,))
             return self._insert_new(discovered)
@@ -130,10 +140,10 @@ class CrawlState:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("UPDATE urls SET attempts = ? WHERE url = ?", (entry.attempts, entry.url))
-            self._db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?)", log.as_tuple())
+            self._db.execute(_INSERT_LOG, log.as_tuple())
 
     def log_row(self, row: LogRow) -> None:
-        self._db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row.as_tuple())
+        self._db.execute(_INSERT_LOG, row.as_tuple())
 
     def pages_stored(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM urls WHERE stored = 1").fetchone()[0]
@@ -145,9 +155,36 @@ class CrawlState:
     def save_robots(self, origin: str, status: int, body: bytes) -> None:
         self._db.execute("INSERT OR REPLACE INTO robots VALUES (?, ?, ?)", (origin, status, body))
 
-    def log_table(self) -> pa.Table:
-        """The whole crawl log, in the order the outcomes happened."""
-        rows = self._db.execute("SELECT * FROM log ORDER BY rowid").fetchall()
+    def unwritten_log_rows(self) -> int:
+        """How many log rows are not in a `crawl_log/` part yet."""
+        last = self._db.execute("SELECT MAX(rowid) FROM log").fetchone()[0] or 0
+        return last - int(self.get_meta("log_parts_rowid") or 0)
+
+    def write_log_part(self, folder: Path) -> None:
+        """Write the log rows after the last part as the next `crawl_log/part-NNNNN.parquet`.
+
+        The part is written (atomically) before the state records it, so after a kill the next part
+        gets the same number and replaces it with the same rows and any later ones: no row is ever
+        in two parts, and the parts in number order are the log in order.
+        """
+        done_rowid = int(self.get_meta("log_parts_rowid") or 0)
+        last = self._db.execute("SELECT MAX(rowid) FROM log").fetchone()[0] or 0
+        if last <= done_rowid:
+            return
+        index = int(self.get_meta("log_parts") or 0)
+        io.write_parquet_atomic(self.log_table(done_rowid, last),
+                                Path(folder) / LOG_PARTS_FOLDER / f"part-{index:05d}.parquet")
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('log_parts', ?)", (str(index + 1),))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('log_parts_rowid', ?)", (str(last),))
+
+    def log_table(self, after_rowid: int = 0, upto_rowid: int | None = None) -> pa.Table:
+        """The crawl log (rows after `after_rowid`, up to `upto_rowid`), in the order the outcomes happened."""
+        rows = self._db.execute(
+            "SELECT * FROM log WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
+            (after_rowid, upto_rowid if upto_rowid is not None else 2**63 - 1),
+        ).fetchall()
         columns = list(zip(*rows)) if rows else [[] for _ in LOG_SCHEMA]
         arrays = [pa.array(list(col), type=f.type) if f.name != "fetch_time" else
                   pa.array([datetime.fromisoformat(t).astimezone(timezone.utc) for t in col], type=f.type)
