@@ -435,3 +435,19 @@ def test_every_page_loads_in_headless_chromium(dashboard_run):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=10)
     assert {p.stem for p in ARTIFACTS.glob("*.png")} >= set(checks)
+
+
+def test_running_crawl_shows_the_log_parts_written_so_far(damaged_run, monkeypatch):
+    stage = damaged_run / stages_of(damaged_run, "crawl")[0]
+    (stage / "_DONE.json").unlink()
+    (stage / "_STARTED.json").write_text(json.dumps({"stage": stage.name, "pid": os.getpid()}))
+    log = pq.read_table(stage / "crawl_log.parquet")
+    (stage / "crawl_log.parquet").unlink()
+    shutil.rmtree(stage / "crawl_log")
+    (stage / "crawl_log").mkdir()
+    pq.write_table(log.slice(0, 30), stage / "crawl_log" / "part-00000.parquet")
+    pq.write_table(log.slice(30, 20), stage / "crawl_log" / "part-00001.parquet")
+    at = render(damaged_run, "crawl", monkeypatch)
+    assert f"Stage `{stage.name}` is running: showing the 2 log parts written so far" in messages(at)
+    assert metrics(at)["URLs tried"] == "50"
+    assert not at.error

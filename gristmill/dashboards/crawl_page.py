@@ -8,16 +8,26 @@ import streamlit as st
 
 from gristmill.dashboards.charts import counts_bar
 from gristmill.dashboards.run_data import Run, host_of, read_columns
-from gristmill.dashboards.stage_gate import metric, ready_stage
+from gristmill.dashboards.stage_gate import choose_stage, explain_state, metric
 
 CRAWL_LOG = "crawl_log.parquet"
+LOG_PARTS = "crawl_log"  # parts written while the crawl runs
 ERRORS_SHOWN = 500
 LOG_COLUMNS = ["url", "status", "content_type", "bytes", "fetch_time", "elapsed_s", "depth", "error"]
 
 
 def render(run: Run) -> None:
-    stage = ready_stage(run, "crawl", key="crawl-stage")
+    stage = choose_stage(run, "crawl", key="crawl-stage")
     if stage is None:
+        return
+    live_parts = sorted((stage.dir / LOG_PARTS).glob("part-*.parquet"))
+    if stage.state == "running" and live_parts:
+        # A running crawl writes its log in parts as it goes: show what it has fetched so far.
+        st.warning(f"Stage `{stage.name}` is running: showing the {len(live_parts)} log parts written so far "
+                   "(reload the page for more).")
+        draw_log(read_columns(live_parts, LOG_COLUMNS).to_pandas(), counts={}, stats={})
+        return
+    if not explain_state(stage):
         return
     stats = stage.stats()
     log_path = stage.dir / CRAWL_LOG
@@ -25,12 +35,16 @@ def render(run: Run) -> None:
         st.warning(f"`{stage.name}` has no {CRAWL_LOG}; showing its stats only.")
         st.json(stats)
         return
-    log = read_columns([log_path], LOG_COLUMNS).to_pandas()
+    # the stage's own counts when it wrote them, else the log's
+    draw_log(read_columns([log_path], LOG_COLUMNS).to_pandas(), stage.status.counts, stats)
+
+
+def draw_log(log: pd.DataFrame, counts: dict, stats: dict) -> None:
+    """Metrics, charts and errors of a crawl log (finished, or the parts of a running crawl)."""
     status = pd.to_numeric(log["status"], errors="coerce")
     errors = log[log["error"].notna() | (status.fillna(0) >= 400)]
     fetched = log[status.between(200, 299) & log["error"].isna() & log["depth"].notna()]  # not robots.txt
     log["host"] = [host_of(u) for u in log["url"]]
-    counts = stage.status.counts  # the stage's own counts when it wrote them, else the log's
 
     cols = st.columns(6)
     metric(cols[0], "pages fetched", counts.get("pages_fetched", len(fetched)))
