@@ -11,11 +11,13 @@ from gristmill.model.config import TrainConfig, load_config
 from gristmill.model.model import (
     GPT,
     CausalSelfAttention,
+    CrossEntropyFunction,
     GPTConfig,
     RMSNorm,
     RMSNormFunction,
     alibi_slopes,
     apply_rotary,
+    cross_entropy,
     filter_logits,
     rotary_tables,
 )
@@ -229,3 +231,20 @@ def test_config_errors_name_the_key_and_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="multiple of n_head"):
         TrainConfig(n_embd=100, n_head=3)
+
+
+def test_cpu_cross_entropy_matches_torch_forward_and_backward_with_ignored_targets():
+    torch.manual_seed(0)
+    logits = torch.randn(300, 37, requires_grad=True)
+    targets = torch.randint(0, 37, (300,))
+    targets[::7] = -1
+    loss = cross_entropy(logits, targets)
+    want = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(torch.autograd.grad(loss * 1.7, logits)[0], torch.autograd.grad(want * 1.7, logits)[0])
+    wide = torch.randn(5000, 300)  # 1.5M logits: the forward's logsumexp runs in two blocks
+    wide_targets = torch.randint(0, 300, (5000,))
+    torch.testing.assert_close(cross_entropy(wide, wide_targets), torch.nn.functional.cross_entropy(wide, wide_targets))
+    double = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: CrossEntropyFunction.apply(x, torch.tensor([0, 4, -1, 2, 2, 1])), (double,))
+

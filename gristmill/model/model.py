@@ -97,6 +97,40 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+class CrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy of (N, V) logits against (N,) targets (-1 ignored), with a hand-written
+    backward for CPU: the gradient is softmax minus one-hot, computed in one new (N, V) buffer.
+    `F.cross_entropy` allocates three logits-sized tensors (log-softmax, a zero-filled gradient,
+    the log-softmax gradient), and on CPU each fresh one past malloc's mmap threshold (32 MiB:
+    8 x 256 tokens x 4096 vocabulary) is page-faulted in, which costs as much as the arithmetic."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # in blocks of ~1M logits: logsumexp's full-size temporary would be another fresh buffer
+        rows = max(1, (1 << 20) // logits.size(-1))
+        log_norm = torch.cat([torch.logsumexp(block, dim=-1) for block in logits.split(rows)])
+        valid = targets != -1
+        safe_targets = targets.clamp(min=0)
+        picked = logits.gather(-1, safe_targets[:, None]).squeeze(-1)
+        count = valid.sum()
+        ctx.save_for_backward(logits, log_norm, safe_targets, valid, count)
+        return torch.where(valid, log_norm - picked, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, log_norm, safe_targets, valid, count = ctx.saved_tensors
+        grad_logits = torch.sub(logits, log_norm[:, None]).exp_()  # softmax
+        grad_logits.scatter_add_(-1, safe_targets[:, None], torch.full_like(log_norm[:, None], -1.0))
+        return grad_logits.mul_((valid * (grad / count))[:, None]), None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not -1, in float32."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return CrossEntropyFunction.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
 def rotary_tables(head_size: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding tables (Su et al. 2021), shape (length, head_size): cos of position *
     frequency, each frequency written for both halves, and sin with its first half negated."""
@@ -278,7 +312,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1)
+        loss = cross_entropy(logits.view(B * T, -1), targets.reshape(-1))
         return logits, loss
 
     def flops_per_token(self) -> float:
