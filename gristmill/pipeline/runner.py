@@ -120,7 +120,8 @@ def dask_client(workflow: Workflow, scheduler: str | None, console: Console) -> 
 
     if address:
         client = Client(address)
-        console.print(f"[dim]dask: connected to {address}[/dim]")
+        link = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+        console.print(f"[dim]dask: connected to {address}" + (f", dashboard {link}" if link else "") + "[/dim]")
         try:
             yield client
         finally:
