@@ -1,4 +1,7 @@
-"""The bundled sample site's pages as text: the real pages every benchmark builds its data from."""
+"""The bundled sample site's pages as text: the real pages every benchmark builds its data from.
+
+A helper the benchmarks import, not a benchmark: it has no `--quick` mode and prints nothing.
+"""
 
 from __future__ import annotations
 
