@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.sample_pages import sample_pages
@@ -35,6 +34,7 @@ from gristmill.model.config import TrainConfig
 from gristmill.model.data import TrainLoader
 from gristmill.model.model import GPT
 from gristmill.model.train import PEAK_BF16_FLOPS
+from gristmill.tokenize.recipes import train_byte_bpe
 from gristmill.tokenize.shards import token_dtype, write_shard
 
 SEED = 1234
@@ -43,16 +43,7 @@ SEED = 1234
 def build_shards(folder: Path, vocab_size: int) -> Path:
     """Every bundled sample page as text, a byte-level BPE trained on it, one EOS-separated shard."""
     texts = [p.text for p in sample_pages(main_content=False)]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer = train_byte_bpe(texts, vocab_size)
     eos = tokenizer.token_to_id("<|endoftext|>")
     ids = np.concatenate([np.array(tokenizer.encode(t).ids + [eos]) for t in texts])
     write_shard(folder / "train_000000.bin", ids, token_dtype(tokenizer.get_vocab_size()))

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 from resiliparse.extract.html2text import extract_plain_text
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gristmill import DATA_DIR
 from gristmill.model.config import TrainConfig
@@ -27,6 +26,7 @@ from gristmill.model.data import TrainLoader, read_shards_info, val_batches
 from gristmill.model.sample import load_checkpoint
 from gristmill.model.train import train
 from gristmill.pipeline.runner import run_workflow
+from gristmill.tokenize.recipes import train_byte_bpe
 from gristmill.tokenize.shards import open_shard, token_dtype, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +36,7 @@ TINY = dict(n_layer=2, n_head=4, n_embd=64, seq_len=64, batch_size=8, progress=F
 
 def write_shards(folder: Path, texts: list[str], vocab_size: int, val_fraction: float = 0.1) -> Path:
     """Train a byte-level BPE on `texts`, encode them EOS-separated, write one train and one val shard."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer = train_byte_bpe(texts, vocab_size)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     eos = tokenizer.token_to_id("<|endoftext|>")

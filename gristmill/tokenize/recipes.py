@@ -168,6 +168,14 @@ def build(spec: TokenizerSpec, show_progress: bool = False) -> tuple[Tokenizer, 
     return RECIPES[spec.kind](spec, show_progress)
 
 
+def train_byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    """gristmill's byte-level BPE (GPT-2 pre-tokenisation, `<|endoftext|>`) trained on texts in memory,
+    for callers that need a tokenizer and not the tokenizers stage's folder and report."""
+    tokenizer, trainer = build(TokenizerSpec(name="bpe", kind="bpe", vocab_size=vocab_size))
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
 def add_post_processor(tokenizer: Tokenizer, spec: TokenizerSpec) -> None:
     """WordPiece wraps sequences in `[CLS] ... [SEP]` as BERT does (needs the trained ids)."""
     if spec.kind == "wordpiece":
