@@ -37,8 +37,8 @@ from scipy import sparse
 
 from benchmarks.sample_pages import sample_pages
 from gristmill.pipeline import io
-from gristmill.pipeline import minhash as mh
-from gristmill.pipeline.dedup import DedupConfig
+from gristmill.pipeline.dedup import minhash as mh
+from gristmill.pipeline.dedup.stage import DedupConfig
 
 THRESHOLD = 0.8
 NUM_PERM = 128

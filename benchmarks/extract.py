@@ -38,7 +38,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from gristmill import DATA_DIR
-from gristmill.pipeline.extract import ExtractConfig, extract_archive
+from gristmill.pipeline.extract.stage import ExtractConfig, extract_archive
 
 SITE = DATA_DIR / "sample_site"
 

@@ -30,7 +30,7 @@ from datatrove.pipeline.filters import (
 )
 
 from benchmarks.sample_pages import sample_pages
-from gristmill.pipeline.filters import FilterConfig, filter_documents
+from gristmill.pipeline.filter.stage import FilterConfig, filter_documents
 
 SEED = 1234
 

@@ -28,8 +28,8 @@ import pyarrow as pa
 
 from benchmarks.sample_pages import sample_pages
 from gristmill.pipeline import io
-from gristmill.pipeline.pii import PiiConfig, scrub_partition
-from gristmill.pipeline.pii_detectors import IBAN_LENGTHS, STRUCTURED_TYPES, is_phone, luhn_valid
+from gristmill.pipeline.pii.detectors import IBAN_LENGTHS, STRUCTURED_TYPES, is_phone, luhn_valid
+from gristmill.pipeline.pii.stage import PiiConfig, scrub_partition
 
 ALNUM = string.ascii_letters + string.digits
 BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"

@@ -32,8 +32,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from benchmarks.sample_pages import sample_pages
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import TrainLoader
+from gristmill.model.loop import PEAK_BF16_FLOPS
 from gristmill.model.model import GPT
-from gristmill.model.train import PEAK_BF16_FLOPS
 from gristmill.tokenize.recipes import train_byte_bpe
 from gristmill.tokenize.shards import token_dtype, write_shard
 

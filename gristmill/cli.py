@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from gristmill.model import cli as model_cli
-from gristmill.pipeline import crawl_cli, io
+from gristmill.model.train import train_command
+from gristmill.pipeline import io
+from gristmill.pipeline.crawl import cli as crawl_cli
 from gristmill.pipeline.status import run_status
+from gristmill.pipeline.workflow import WorkflowError, load_workflow
 from gristmill.tokenize import cli as tokenizer_cli
-from gristmill.workflow import WorkflowError, load_workflow
 
 app = typer.Typer(
     add_completion=False,
@@ -124,7 +126,7 @@ def dashboard(
     raise typer.Exit(subprocess.call(command))
 
 
-app.command("train")(model_cli.train_command)
+app.command("train")(train_command)
 app.command("sample")(model_cli.sample_command)
 app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.command("crawl")(crawl_cli.crawl_command)

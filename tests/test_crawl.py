@@ -25,8 +25,8 @@ from fastwarc.warc import WarcRecordType
 from warcio.archiveiterator import ArchiveIterator
 
 from gristmill import DATA_DIR
-from gristmill.pipeline.crawl import CrawlConfig, crawl_stats, run_crawl
-from gristmill.pipeline.crawl_safety import AddressPolicy, GuardedTransport, UnsafeAddressError
+from gristmill.pipeline.crawl.safety import AddressPolicy, GuardedTransport, UnsafeAddressError
+from gristmill.pipeline.crawl.stage import CrawlConfig, crawl_stats, run_crawl
 
 SAMPLE = DATA_DIR / "sample_site"
 UA = "gristmill-test/1.0"

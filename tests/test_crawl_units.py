@@ -7,10 +7,10 @@ from datetime import datetime, timezone
 import pytest
 from warcio.archiveiterator import ArchiveIterator
 
-from gristmill.pipeline.crawl import read_links
-from gristmill.pipeline.crawl_frontier import Scope, normalize_url
-from gristmill.pipeline.crawl_safety import AddressPolicy
-from gristmill.pipeline.crawl_warc import Exchange, WarcRoller, identify_payload_type
+from gristmill.pipeline.crawl.frontier import Scope, normalize_url
+from gristmill.pipeline.crawl.safety import AddressPolicy
+from gristmill.pipeline.crawl.stage import read_links
+from gristmill.pipeline.crawl.warc import Exchange, WarcRoller, identify_payload_type
 
 
 @pytest.mark.parametrize(

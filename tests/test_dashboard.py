@@ -25,7 +25,7 @@ from gristmill.dashboards.dedup_page import word_diff
 from gristmill.dashboards.pii_page import highlight_spans
 from gristmill.dashboards.run_data import sample_rows
 from gristmill.pipeline.runner import run_workflow
-from gristmill.workflow import DATA_DIR
+from gristmill.pipeline.workflow import DATA_DIR
 
 APP = Path(__file__).resolve().parents[1] / "gristmill" / "dashboards" / "app.py"
 SITE = DATA_DIR / "sample_site"

@@ -17,8 +17,8 @@ from resiliparse.extract.html2text import extract_plain_text
 
 from gristmill import DATA_DIR
 from gristmill.pipeline import io
-from gristmill.pipeline import minhash as mh
-from gristmill.pipeline.dedup import connected_components
+from gristmill.pipeline.dedup import minhash as mh
+from gristmill.pipeline.dedup.stage import connected_components
 from gristmill.pipeline.runner import StageError, run_workflow
 
 PAGES = sorted((DATA_DIR / "sample_site").rglob("*.html"))

@@ -16,7 +16,7 @@ from warcio.warcwriter import WARCWriter
 
 from gristmill import DATA_DIR
 from gristmill.pipeline import io
-from gristmill.pipeline.extract import ExtractConfig, decode_html, extract_archive, read_record_html
+from gristmill.pipeline.extract.stage import ExtractConfig, decode_html, extract_archive, read_record_html
 from gristmill.pipeline.runner import run_workflow
 
 SITE = DATA_DIR / "sample_site"
@@ -344,7 +344,7 @@ def test_input_that_is_not_an_archive_is_a_clear_error(tmp_path):
 def test_bundled_language_model_scores_exactly_as_py3langid(site_output):
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-    from gristmill.pipeline.langid import language_identifier
+    from gristmill.pipeline.extract.langid import language_identifier
 
     reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     identify = language_identifier(None)
@@ -358,7 +358,7 @@ def test_bundled_language_model_scores_exactly_as_py3langid(site_output):
 
 
 def test_language_guess_of_a_text_does_not_depend_on_the_batch(site_output, monkeypatch):
-    from gristmill.pipeline.langid import ByteNgramNaiveBayes, language_identifier
+    from gristmill.pipeline.extract.langid import ByteNgramNaiveBayes, language_identifier
 
     identify = language_identifier(None)
     pages = site_output.kept.column("text").to_pylist()

@@ -13,14 +13,14 @@ import pytest
 from pydantic import ValidationError
 
 from gristmill.pipeline import io
-from gristmill.pipeline.filter_rules import (
+from gristmill.pipeline.filter.rules import (
     C4Config,
     FineWebConfig,
     GopherQualityConfig,
     GopherRepetitionConfig,
 )
-from gristmill.pipeline.filter_text import split_words
-from gristmill.pipeline.filters import FilterConfig, filter_documents, finalize_filter_stats
+from gristmill.pipeline.filter.stage import FilterConfig, filter_documents, finalize_filter_stats
+from gristmill.pipeline.filter.text import split_words
 from gristmill.pipeline.stage import merge_stats
 
 FAMILIES = ("length", "url", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb")

@@ -30,9 +30,9 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 
 from gristmill import DATA_DIR
-from gristmill.pipeline.filter_rules import _SENTENCE_END
-from gristmill.pipeline.filter_text import split_words
-from gristmill.pipeline.filters import FilterConfig, filter_documents
+from gristmill.pipeline.filter.rules import _SENTENCE_END
+from gristmill.pipeline.filter.stage import FilterConfig, filter_documents
+from gristmill.pipeline.filter.text import split_words
 
 SITE = DATA_DIR / "sample_site"
 C4_END_PUNCTUATION = [".", "?", "!", '"', "'"]  # C4's own set, as datatrove uses it

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from gristmill.pipeline import io
-from gristmill.pipeline.filters import FilterConfig, filter_documents
+from gristmill.pipeline.filter.stage import FilterConfig, filter_documents
 from gristmill.pipeline.runner import run_workflow
 from tests.test_filters_parity import extracted_pages
 

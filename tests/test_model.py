@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gristmill.model.config import TrainConfig, load_config
+from gristmill.model.loop import learning_rate_at
 from gristmill.model.model import (
     GPT,
     CausalSelfAttention,
@@ -21,7 +22,6 @@ from gristmill.model.model import (
     filter_logits,
     rotary_tables,
 )
-from gristmill.model.train import learning_rate_at
 
 VOCAB = 97
 

@@ -23,8 +23,8 @@ from resiliparse.extract.html2text import extract_plain_text
 from gristmill import DATA_DIR
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import TrainLoader, read_shards_info, val_batches
+from gristmill.model.loop import train
 from gristmill.model.sample import load_checkpoint
-from gristmill.model.train import train
 from gristmill.pipeline.runner import run_workflow
 from gristmill.tokenize.recipes import train_byte_bpe
 from gristmill.tokenize.shards import open_shard, token_dtype, write_shard

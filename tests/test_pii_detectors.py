@@ -9,7 +9,7 @@ import string
 
 import pytest
 
-from gristmill.pipeline.pii_detectors import (
+from gristmill.pipeline.pii.detectors import (
     AllowList,
     Finding,
     PiiScanner,

@@ -14,9 +14,9 @@ from resiliparse.extract.html2text import extract_plain_text
 
 from gristmill import DATA_DIR
 from gristmill.pipeline import io
-from gristmill.pipeline.pii import PiiConfig, restore_original, scrub_partition
+from gristmill.pipeline.pii.stage import PiiConfig, restore_original, scrub_partition
 from gristmill.pipeline.runner import run_workflow
-from gristmill.workflow import WorkflowError
+from gristmill.pipeline.workflow import WorkflowError
 
 TEXT = (
     "Contact bob@corp.io or call +49 89 12345678. Again: bob@corp.io. "

@@ -19,7 +19,7 @@ from gristmill import DATA_DIR
 from gristmill.pipeline import io
 from gristmill.pipeline.runner import ConservationError, run_workflow
 from gristmill.pipeline.status import run_status
-from gristmill.workflow import WorkflowError, load_workflow
+from gristmill.pipeline.workflow import WorkflowError, load_workflow
 from tests.quickstart import QUICKSTART_TEST_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from gristmill.pipeline.runner import StageError, run_workflow
+from gristmill.pipeline.workflow import WorkflowError
 from gristmill.tokenize.corpus import in_split
 from gristmill.tokenize.train import load_tokenizer
-from gristmill.workflow import WorkflowError
 from tests.test_tokenize import corpus, read_split, stream_docs  # noqa: F401 (corpus is a fixture)
 
 

@@ -19,7 +19,7 @@ def source_html(row: dict) -> str:
     """The raw page behind a document: its WARC record when the row points at one, else the
     source file itself (documents read from files)."""
     if row.get("warc_file") and row.get("warc_offset") is not None:
-        from gristmill.pipeline.extract import read_record_html
+        from gristmill.pipeline.extract.stage import read_record_html
 
         return read_record_html(row["warc_file"], int(row["warc_offset"]))
     source = row.get("source")

@@ -18,8 +18,8 @@ class TrainStageConfig(StageConfig, TrainConfig):
 
 @custom_stage("train", TrainStageConfig, produces_documents=False)
 def train_stage(ctx: StageContext) -> StageResult:
+    from gristmill.model.loop import train
     from gristmill.model.sample import CHECKPOINT_FILE  # torch loads only when a train stage runs
-    from gristmill.model.train import train
 
     shard_dirs = ctx.upstream_dirs() + [p.parent for p in ctx.input_files() if p.name == META_FILE]
     if len(shard_dirs) != 1:

@@ -9,11 +9,11 @@ from gristmill.pipeline.stage import STAGE_TYPES, StageType
 BUILTIN_STAGE_MODULES = (
     "gristmill.pipeline.read",
     "gristmill.pipeline.write",
-    "gristmill.pipeline.crawl",
-    "gristmill.pipeline.extract",
-    "gristmill.pipeline.filters",
-    "gristmill.pipeline.dedup",
-    "gristmill.pipeline.pii",
+    "gristmill.pipeline.crawl.stage",
+    "gristmill.pipeline.extract.stage",
+    "gristmill.pipeline.filter.stage",
+    "gristmill.pipeline.dedup.stage",
+    "gristmill.pipeline.pii.stage",
     "gristmill.model.stage",
     "gristmill.tokenize.stages",
 )

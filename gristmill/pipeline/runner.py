@@ -36,7 +36,7 @@ from gristmill.pipeline.stage import (
     UpstreamInput,
     merge_stats,
 )
-from gristmill.workflow import Workflow, WorkflowError, load_workflow, resolve_input_path
+from gristmill.pipeline.workflow import Workflow, WorkflowError, load_workflow, resolve_input_path
 
 
 class StageError(RuntimeError):

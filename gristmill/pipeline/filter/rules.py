@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from gristmill.pipeline.filter_text import (
+from gristmill.pipeline.filter.text import (
     LINE_BREAKS,
     NO_SPACE_LANGUAGES,
     SENTENCE_TERMINALS,

@@ -1,6 +1,6 @@
 """The `pii` stage: find personal data and secrets in every document and replace them.
 
-Each document is scanned once (`pii_detectors.PiiScanner`), every finding is replaced according
+Each document is scanned once (`detectors.PiiScanner`), every finding is replaced according
 to its type's policy, and two columns are added:
 
 - `pii_counts`: a struct with one int32 count per type (all types, zeros included);
@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import field_validator, model_validator
 
 from gristmill.pipeline import io
-from gristmill.pipeline.pii_detectors import (
+from gristmill.pipeline.pii.detectors import (
     ALL_TYPES,
     DEFAULT_ALLOWED_EMAIL_DOMAINS,
     DEFAULT_ALLOWED_EMAIL_LOCAL_PARTS,

@@ -29,9 +29,10 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 from resiliparse.parse.html import HTMLTree
 
-from gristmill.pipeline import io, langid
+from gristmill.pipeline import io
+from gristmill.pipeline.extract import langid
+from gristmill.pipeline.extract.archive import ArchiveRecord, is_archive_file, iter_records, read_record
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, source_stage
-from gristmill.pipeline.warc_reader import ArchiveRecord, is_archive_file, iter_records, read_record
 
 # The document columns, then the title and the pointer back to the source record.
 EXTRACT_SCHEMA = pa.schema(

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from gristmill.pipeline.crawl import LOG_FILE, CrawlConfig, run_crawl
+from gristmill.pipeline.crawl.stage import LOG_FILE, CrawlConfig, run_crawl
 
 console = Console(stderr=True)
 

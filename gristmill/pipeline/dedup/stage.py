@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gristmill.pipeline import io
-from gristmill.pipeline import minhash as mh
+from gristmill.pipeline.dedup import minhash as mh
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
 EXACT_BAND = -1

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gristmill.pipeline import io
-from gristmill.pipeline.filter_rules import (
+from gristmill.pipeline.filter.rules import (
     C4Config,
     Checked,
     FineWebConfig,
@@ -38,7 +38,7 @@ from gristmill.pipeline.filter_rules import (
     check_length,
     check_url,
 )
-from gristmill.pipeline.filter_text import language_code
+from gristmill.pipeline.filter.text import language_code
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, document_stage
 
 ANNOTATION_COLUMN = "filter_reason"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from gristmill.pipeline import io
-from gristmill.pipeline.crawl_frontier import FrontierEntry
+from gristmill.pipeline.crawl.frontier import FrontierEntry
 
 STATE_FILE = "crawl_state.sqlite"
 LOG_PARTS_FOLDER = "crawl_log"

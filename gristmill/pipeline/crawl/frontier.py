@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
-from gristmill.pipeline.crawl_safety import ALLOWED_SCHEMES
+from gristmill.pipeline.crawl.safety import ALLOWED_SCHEMES
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")

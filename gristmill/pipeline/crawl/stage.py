@@ -38,7 +38,7 @@ from resiliparse.parse.html import HTMLTree
 
 import gristmill
 from gristmill.pipeline import io
-from gristmill.pipeline.crawl_frontier import (
+from gristmill.pipeline.crawl.frontier import (
     Frontier,
     FrontierEntry,
     Scope,
@@ -46,10 +46,10 @@ from gristmill.pipeline.crawl_frontier import (
     normalize_url,
     origin_of,
 )
-from gristmill.pipeline.crawl_safety import AddressPolicy, GuardedTransport, UnsafeAddressError
-from gristmill.pipeline.crawl_state import CrawlState, LogRow
-from gristmill.pipeline.crawl_warc import WARC_FOLDER, Exchange, WarcRoller
-from gristmill.pipeline.sample_site import serve_directory
+from gristmill.pipeline.crawl.safety import AddressPolicy, GuardedTransport, UnsafeAddressError
+from gristmill.pipeline.crawl.serve import serve_directory
+from gristmill.pipeline.crawl.state import CrawlState, LogRow
+from gristmill.pipeline.crawl.warc import WARC_FOLDER, Exchange, WarcRoller
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
 LOG_FILE = "crawl_log.parquet"

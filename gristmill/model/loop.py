@@ -1,0 +1,313 @@
+"""The pretraining loop, top to bottom: set-up, data, model, optimiser, loop, eval, checkpoints.
+
+One process by default; under `torchrun` (RANK / WORLD_SIZE in the environment) it trains with DDP
+(nccl on CUDA, gloo on CPU), every process reading its own disjoint slice of each global batch:
+
+    torchrun --nproc_per_node 2 -m gristmill.model.train SHARDS_DIR --out DIR [options]   (see train.py)
+
+The output folder holds `checkpoint.pt` (model, optimizer, step, RNG states, data position, config,
+tokenizer; written atomically, loaded with `torch.load(weights_only=True)`), `metrics.jsonl` (one
+JSON object per logged step) and `samples.jsonl` (text from a fixed prompt at each checkpoint).
+Resuming continues with exactly the losses an uninterrupted run would have had (same device and
+process count): the learning rate and the batches are pure functions of the step.
+"""
+
+from __future__ import annotations
+
+import io as bytes_io
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel
+
+from gristmill.model.config import TrainConfig
+from gristmill.model.data import ShardsInfo, TrainLoader, read_shards_info, val_batches
+from gristmill.model.model import GPT
+from gristmill.model.sample import CHECKPOINT_FILE, load_checkpoint, sample_text
+from gristmill.pipeline.io import write_bytes_atomic
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+# Dense bf16 peak FLOP/s per device, for MFU; other devices need `peak_flops` in the config.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to `learning_rate`, then cosine decay to `min_lr_ratio * learning_rate` at
+    `max_steps`, or WSD: stable until the last `decay_fraction` of steps, then linear decay."""
+    peak, floor = config.learning_rate, config.learning_rate * config.min_lr_ratio
+    if step <= config.warmup_steps:
+        return peak * step / config.warmup_steps
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / (config.max_steps - config.warmup_steps)
+        return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (peak - floor)
+    decay_start = max(config.warmup_steps, config.max_steps - round(config.decay_fraction * config.max_steps))
+    if step <= decay_start:
+        return peak
+    return floor + (peak - floor) * (config.max_steps - step) / (config.max_steps - decay_start)
+
+
+def peak_flops_per_device(config: TrainConfig, device: torch.device) -> float | None:
+    if config.peak_flops is not None:
+        return config.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return None
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's resident memory on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train on the shards in `shards_dir`, writing into `out_dir`; with `resume`, continue from
+    `out_dir/checkpoint.pt`. Returns a summary: steps, tokens, final loss, val loss, tokens/s, MFU."""
+    # ---- processes and device
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device(f"cuda:{local_rank}" if ddp else (config.device if config.device != "auto" else "cuda"))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(config.device if config.device != "auto" else "cpu")
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data
+    info = read_shards_info(shards_dir)
+    prefix_lm = config.objective == "prefix_lm"
+    loader = TrainLoader(
+        info.train, config.seq_len, config.batch_size, config.grad_accum, config.seed, rank, world_size, prefix_lm
+    )
+    val = (
+        val_batches(info.val, config.seq_len, config.batch_size, config.eval_batches, rank, world_size, prefix_lm)
+        if info.val
+        else []
+    )
+    tokens_per_step = config.batch_size * config.grad_accum * world_size * config.seq_len
+
+    # ---- model and optimiser (same init on every process; DDP also broadcasts rank 0's weights)
+    torch.manual_seed(config.seed)
+    gpt_config = config.gpt_config(info.vocab_size)
+    model = GPT(gpt_config).to(device)
+    optimizer = model.configure_optimizers(
+        config.weight_decay, config.learning_rate, (config.beta1, config.beta2), device.type
+    )
+    torch.manual_seed(config.seed + rank)  # dropout differs per process
+    checkpoint_file = out_dir / CHECKPOINT_FILE
+    step = 0
+    if resume:
+        checkpoint = load_checkpoint(checkpoint_file, device)
+        if checkpoint["gpt_config"] != asdict(gpt_config):
+            raise ValueError(
+                f"{checkpoint_file}: model {checkpoint['gpt_config']} does not match the settings {asdict(gpt_config)}"
+            )
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+        rng = checkpoint["rng"]
+        if len(rng["torch"]) == world_size:
+            torch.set_rng_state(rng["torch"][rank].cpu())
+            if device.type == "cuda" and rng["cuda"]:
+                torch.cuda.set_rng_state(rng["cuda"][rank].cpu(), device)
+    if master:
+        keep_records(out_dir / METRICS_FILE, step)
+        keep_records(out_dir / SAMPLES_FILE, step)
+    raw_model = model
+    if config.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # ---- the loop
+    last_step = min(config.max_steps, config.stop_at or config.max_steps)
+    flops_per_token = raw_model.flops_per_token()
+    peak_flops = peak_flops_per_device(config, device)
+    summary: dict[str, Any] = {"params": raw_model.num_params(), "flops_per_token": flops_per_token}
+    interval_time, interval_steps, run_time, run_steps = 0.0, 0, 0.0, 0
+    progress = make_progress(master and config.progress)
+    task = progress.add_task("train", total=config.max_steps, completed=step, loss="")
+    with progress:
+        while step < last_step:
+            step += 1
+            lr = learning_rate_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(config.grad_accum):
+                batch = loader.batch(step, micro_step)
+                x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
+                prefix = batch.prefix_len.to(device) if batch.prefix_len is not None else None
+                if ddp:
+                    model.require_backward_grad_sync = micro_step == config.grad_accum - 1
+                with autocast:
+                    _, loss = model(x, y, prefix)
+                    loss = loss / config.grad_accum
+                loss_sum += loss.detach()
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - started
+            interval_time, interval_steps = interval_time + elapsed, interval_steps + 1
+            run_time, run_steps = run_time + elapsed, run_steps + 1
+
+            is_last = step == last_step
+            evaluate = bool(info.val) and (step % config.eval_every == 0 or is_last)
+            val_loss = validation_loss(model, val, device, autocast, ddp) if evaluate else None
+            if step % config.log_every == 0 or is_last or evaluate or step == 1:
+                if ddp:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world_size
+                tokens_per_sec = tokens_per_step * interval_steps / interval_time
+                mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
+                record = {
+                    "step": step,
+                    "loss": loss_sum.item(),
+                    "val_loss": val_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_sec": tokens_per_sec,
+                    "mfu": mfu,
+                    "memory_mb": memory_mb(device),
+                }
+                interval_time, interval_steps = 0.0, 0
+                summary.update(final_loss=record["loss"], mfu=mfu)
+                if val_loss is not None:
+                    summary["val_loss"] = val_loss
+                if master:
+                    append_record(out_dir / METRICS_FILE, record)
+                progress.update(task, loss=f"loss {record['loss']:.3f}")
+            if step % config.checkpoint_every == 0 or is_last:
+                rng_states = gather_rng_states(device, ddp, world_size)
+                if master:
+                    save_checkpoint(checkpoint_file, raw_model, optimizer, step, rng_states, config, info)
+                    if info.tokenizer is not None and info.tokenizer.is_file():
+                        text = sample_text(
+                            raw_model,
+                            Tokenizer.from_file(str(info.tokenizer)),
+                            config.sample_prompt,
+                            config.sample_tokens,
+                            eos_id=info.eos_id,
+                            seed=config.seed,
+                        )
+                        append_record(out_dir / SAMPLES_FILE, {"step": step, "prompt": config.sample_prompt, "text": text})
+            progress.update(task, completed=step)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    summary.update(
+        steps=step,
+        tokens=step * tokens_per_step,
+        tokens_per_sec=tokens_per_step * run_steps / run_time if run_time else None,
+        checkpoint=str(checkpoint_file),
+    )
+    return summary
+
+
+@torch.no_grad()
+def validation_loss(model, batches, device: torch.device, autocast, ddp: bool) -> float:
+    """Mean loss over this process's val batches, averaged over all processes (token-weighted)."""
+    model.eval()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    for batch in batches:
+        prefix = batch.prefix_len.to(device) if batch.prefix_len is not None else None
+        with autocast:
+            _, loss = model(batch.x.to(device), batch.y.to(device), prefix)
+        scored = int((batch.y != -1).sum())
+        totals += torch.tensor([loss.item() * scored, scored], device=device, dtype=torch.float64)
+    if ddp:
+        dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
+
+
+def gather_rng_states(device: torch.device, ddp: bool, world_size: int) -> dict[str, list[torch.Tensor]]:
+    """Every process's torch (and CUDA) RNG state, indexed by rank."""
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    states = [mine]
+    if ddp:
+        states = [None] * world_size
+        dist.all_gather_object(states, mine)
+    return {
+        "torch": [s["torch"] for s in states],
+        "cuda": [s["cuda"] for s in states] if device.type == "cuda" else [],
+    }
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer, step: int, rng_states, config: TrainConfig, info: ShardsInfo):
+    """Write everything a resume needs, as tensors and plain containers only (weights_only load)."""
+    tokenizer_json = info.tokenizer.read_text() if info.tokenizer is not None and info.tokenizer.is_file() else None
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "data": {"seed": config.seed, "next_step": step + 1},
+        "rng": rng_states,
+        "config": config.model_dump(),
+        "gpt_config": asdict(model.config),
+        "eos_id": info.eos_id,
+        "tokenizer_json": tokenizer_json,
+        "shards_dir": str(info.folder),
+    }
+    buffer = bytes_io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(buffer.getvalue(), path)
+
+
+def keep_records(path: Path, up_to_step: int) -> None:
+    """Drop JSON-lines records after `up_to_step` (all of them for a fresh run), so a resumed run
+    does not log a step twice."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
+    write_bytes_atomic("".join(line + "\n" for line in lines).encode(), path)
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def make_progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        console=Console(stderr=True),
+    )
+
