@@ -2,7 +2,7 @@
 folder named by path that holds `meta.json` and `train_*.bin` / `val_*.bin`).
 
 It writes `checkpoint.pt`, `metrics.jsonl` and `samples.jsonl` into its stage folder (see
-`train.py`) and resumes from the checkpoint when the runner kept the folder (same config and input).
+`loop.py`) and resumes from the checkpoint when the runner kept the folder (same config and input).
 """
 
 from __future__ import annotations
