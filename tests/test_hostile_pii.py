@@ -32,13 +32,22 @@ ADVERSARIAL_UNITS = {
 }
 
 
-def scan_seconds(text: str) -> float:
-    best = float("inf")
-    for _ in range(2):  # best of two: the machine is shared
-        started = time.perf_counter()
-        SCANNER.scan(text)
-        best = min(best, time.perf_counter() - started)
-    return best
+def seconds(text: str) -> float:
+    started = time.perf_counter()
+    SCANNER.scan(text)
+    return time.perf_counter() - started
+
+
+def best_times(small: str, large: str) -> tuple[float, float]:
+    """Best small and best large scan time, measured in turns so a busy moment hits both; fast
+    inputs get more turns (up to half a second in all) because their times are the noisiest."""
+    best_small = best_large = float("inf")
+    spent, turns = 0.0, 0
+    while turns < 2 or (spent < 0.5 and turns < 25):
+        t_small, t_large = seconds(small), seconds(large)
+        best_small, best_large = min(best_small, t_small), min(best_large, t_large)
+        spent, turns = spent + t_small + t_large, turns + 1
+    return best_small, best_large
 
 
 @pytest.mark.parametrize(
@@ -46,9 +55,12 @@ def scan_seconds(text: str) -> float:
 )
 def test_every_detector_is_linear_on_adversarial_input(unit: str):
     small, large = ((unit * (n // len(unit) + 1))[:n] for n in (100_000, 400_000))
-    ratio = scan_seconds(large) / max(scan_seconds(small), 1e-4)
-    # linear is 4x; quadratic would be 16x (the JWT pattern used to take 590 s on 1M characters)
-    assert ratio < 9, f"{unit!r}: 4x the input took {ratio:.1f}x the time"
+    small_s, large_s = best_times(small, large)
+    ratio = large_s / max(small_s, 1e-4)
+    # Linear is 4x, quadratic 16x. A scan of 100k characters can fit in the CPU caches where 400k
+    # does not, which alone gives fast scans ratios near 10; a scan of 400k adversarial characters
+    # done in under 0.1 s is linear in any sense that matters (the quadratic JWT pattern took 90 s).
+    assert ratio < 9 or large_s < 0.1, f"{unit!r}: 4x the input took {ratio:.1f}x the time ({large_s:.2f} s)"
 
 
 def test_jwt_prefix_repeated_a_million_times_is_scanned_in_a_blink():
@@ -65,14 +77,14 @@ def test_scan_past_its_deadline_raises_scan_timeout():
 
 
 def test_document_over_its_time_budget_is_removed_with_a_reason_and_the_part_goes_on():
-    slow = "Write to bob@corp.io. " * 50_000  # 50,000 findings: far more than a microsecond's work
+    slow = "Write to bob@corp.io. " * 50_000  # 50,000 findings: about a second of work
     texts = ["Call bob@corp.io today.", slow, "nothing here"]
     table = pa.Table.from_pylist(
         [{"id": f"d{i}", "url": None, "text": t, "source": "fixture", "fetch_time": None, "lang": "en",
           "lang_score": None} for i, t in enumerate(texts)],
         schema=io.DOCUMENT_SCHEMA,
     )
-    out = scrub_partition(table, PiiConfig(type="pii", seconds_per_document=0.005))
+    out = scrub_partition(table, PiiConfig(type="pii", seconds_per_document=0.05))
     assert out.removed.column("id").to_pylist() == ["d1"]
     assert out.removed.column("reason").to_pylist() == ["pii:time_budget"]
     assert out.removed.column("text").to_pylist() == [slow]  # set aside as it came, never half-scrubbed
