@@ -102,7 +102,7 @@ _HEX = "[0-9A-Fa-f]"
 _DIGIT_SEPARATOR = r"(?:[ \u00a0\-./]|\)[ \u00a0\-]?|[ \u00a0]?\()"
 _DIGIT_GROUPS = rf"(?=(?:{_DIGIT_SEPARATOR}?\d){{6}})\d{{0,18}}(?:{_DIGIT_SEPARATOR}\d{{1,18}}){{0,8}}(?!\w|[.,/\-]\d)"
 _WORD_START_CANDIDATES = {
-    "jwt": r"e(?<![\w-]e)yJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
+    "jwt": r"eyJ(?<![\w-]eyJ)[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
     "aws_access_key": r"A(?:KIA|SIA|BIA|CCA)[A-Z2-7]{16}(?![A-Za-z0-9])",
     "github_token": r"g(?:h[pousr]_[A-Za-z0-9]{36}|ithub_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59})(?![A-Za-z0-9_])",
     "gitlab_token": r"gl(?<!-g)(?:pat|dt|ptt|rt|cbt|soat|ffct|oas)-[A-Za-z0-9_-]{20,64}(?![A-Za-z0-9_-])",
@@ -153,7 +153,7 @@ _PEM_BODY = re.compile(r"[A-Za-z0-9+/=]{16}")
 # "version 1.2.3.4", "v. 10.0.0.1", "build 4.2.1.7": dotted quads that are versions, not addresses
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bversion|\brelease|\bbuild|\bver|\brev|\bv)[\s.:#=]{0,3}$")
 # The parents of section numbers in a document: `6.2.4` in `6.2.4. Mail servers` or `6.2.4 Mail`.
-_SECTION_PARENT = re.compile(r"(?<![\w.])(\d{1,3}\.\d{1,3}\.\d{1,3})\.?[ \t]+[^\W\d]")
+_SECTION_PARENT = re.compile(r"(\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3})\.?[ \t]+[^\W\d]")
 # Words that say "this is a phone number" shortly before one, in the languages of the web
 # (matched as word starts: `tel` covers Tel., Telefon, telephone, telefono, Telefax ...).
 _PHONE_WORDS = re.compile(
@@ -378,21 +378,18 @@ def is_public_ip(candidate: str, public_only: bool, allowed_networks) -> bool:
 _IPV6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 
 
-def is_section_number(text: str, start: int, end: int, section_parents: frozenset[str]) -> bool:
-    """`6.2.4.1. exim4`, `10.4.2.1.` as a heading (a dotted quad opening a line and followed by a
-    period), or `6.2.4.1` where `6.2.4` numbers a section of the same document: not an address.
-    Looks at most 8 characters back, so a line of many addresses stays linear."""
+def is_heading_number(text: str, start: int, end: int) -> bool:
+    """`6.2.4.1. exim4`, `10.4.2.1.`: a dotted quad opening a line and followed by a period numbers
+    a heading. Looks at most 8 characters back, so a line of many addresses stays linear."""
     j = start
     while j > 0 and start - j < 8 and text[j - 1] in " \t#*>":
         j -= 1
-    at_line_start = j == 0 or text[j - 1] == "\n"
-    if at_line_start and text.startswith(".", end):
-        return True
-    return text[start:end].rsplit(".", 1)[0] in section_parents
+    return (j == 0 or text[j - 1] == "\n") and text.startswith(".", end)
 
 
 def section_parents(text: str) -> frozenset[str]:
-    """Every `a.b.c` that numbers a heading in `text` (one pass, done once per document)."""
+    """Every `a.b.c` that numbers a heading in `text` (one pass, done once per document), so that
+    `6.2.4.1` is a section where `6.2.4 Mail servers` is one too."""
     return frozenset(_SECTION_PARENT.findall(text))
 
 
@@ -517,10 +514,15 @@ class PiiScanner:
                     and is_public_ip(value, self.public_ips_only, self._networks)
                     and not _VERSION_BEFORE.search(text, max(0, start - 16), start)
                 ):
-                    if kind == "ipv4" and parents is None:
-                        parents = section_parents(text)
-                    if kind == "ipv6" or not is_section_number(text, start, end, parents):
-                        found = "ip_address"
+                    found = "ip_address"
+                    if kind == "ipv4" and is_heading_number(text, start, end):
+                        found = None
+                    elif kind == "ipv4" and all(len(part) <= 2 for part in value.split(".")):
+                        # section numbers have at most two digits a level; only then is the
+                        # document searched for the parent section
+                        parents = section_parents(text) if parents is None else parents
+                        if value.rsplit(".", 1)[0] in parents:
+                            found = None
             elif kind == "iban":
                 if "iban" in types:
                     iban = iban_prefix(value)
