@@ -183,3 +183,23 @@ def test_train_stage_in_a_workflow_writes_stats_and_resumes_as_done(tmp_path, sh
     before = (run_dir / "train" / "checkpoint.pt").stat().st_mtime_ns
     run_workflow(workflow, runs_dir=tmp_path / "runs")  # done: skipped, the checkpoint is untouched
     assert (run_dir / "train" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_diverging_run_stops_on_the_first_nan_keeps_the_last_good_checkpoint_and_exits_non_zero(tmp_path, shards):
+    out = tmp_path / "diverged"
+    settings = [f"--set={k}={v}" for k, v in (TINY | dict(warmup_steps=1, checkpoint_every=2)).items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "gristmill.model.train", str(shards), "--out", str(out), "--max-steps", "40",
+         "--lr", "1e4", "--device", "cpu", *settings],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = " ".join(result.stderr.split())
+    assert "training diverged at step" in message and "last finite loss" in message, message
+    diverged_at = int(message.split("training diverged at step ")[1].split()[0])
+    checkpoint = load_checkpoint(out)
+    assert checkpoint["step"] < diverged_at
+    assert all(torch.isfinite(w).all() for w in checkpoint["model"].values())
+    logged = losses(out)
+    assert logged and all(math.isfinite(loss) for _, loss in logged) and logged[-1][0] < diverged_at

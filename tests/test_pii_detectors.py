@@ -90,6 +90,20 @@ def test_national_phone_numbers_follow_the_document_language():
     assert found(french, "fr", scanner=fixed_us) == []
 
 
+def test_unassigned_north_american_area_codes_are_phones_in_a_phone_context():
+    # 794 is not (yet) an assigned area code: phonenumbers calls these numbers invalid
+    text = "Sales +1 (794) 263-3202, support +1 794 263 3202, office (794) 263-3202, Telefon: 794-263-3202."
+    assert [v for _, v in found(text, "en", scanner=PHONES)] == [
+        "+1 (794) 263-3202", "+1 794 263 3202", "(794) 263-3202", "794-263-3202"]
+    assert found("電話 794-263-3202", "ja", scanner=PiiScanner(types=["phone"], phone_region_from_lang=False)) == [
+        ("phone", "794-263-3202")]
+
+
+def test_possible_numbers_without_phone_context_or_in_bare_digit_runs_are_not_phones():
+    text = "order 794-263-3202 shipped; tel 7942633202; case +1 (194) 263-3202; ref 794-163-3202"
+    assert found(text, "en", scanner=PHONES) == []
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -127,6 +141,26 @@ def test_private_documentation_and_version_addresses_are_ignored_by_default():
 def test_all_addresses_when_public_only_is_off_except_documentation_ranges():
     scanner = PiiScanner(public_ips_only=False)
     assert [v for _, v in found("LAN 192.168.1.10 and docs 203.0.113.5", scanner=scanner)] == ["192.168.1.10"]
+
+
+def test_addresses_written_as_key_value_are_addresses_not_phones():
+    text = "Nov 3 sshd[811]: client=81.2.69.160 ip=81.22.69.160 from=212.94.201.10 src=2a00:1450:4001:81b::200e"
+    assert found(text) == [("ip_address", "81.2.69.160"), ("ip_address", "81.22.69.160"),
+                           ("ip_address", "212.94.201.10"), ("ip_address", "2a00:1450:4001:81b::200e")]
+    assert found("version=1.2.3.4 pkg>=3.1.1.3 pkg~=4.1.1.3 pkg!=5.1.1.3") == []
+
+
+def test_section_numbers_are_not_addresses():
+    manual = (
+        "6.2.4. Mail servers\n6.2.4.1. exim4\nConfigure exim4 first.\n  10.4.2.1. Tuning\n"
+        "## 81.2.69.160.\nSee 6.2.4.2 for postfix.\n"
+    )
+    assert found(manual) == []
+
+
+def test_an_address_ending_a_sentence_is_still_an_address():
+    text = "The mail came from 81.2.69.160. Block it.\nConnect to\n81.2.69.161 now. 6.2.4.1 is also a host."
+    assert [v for _, v in found(text)] == ["81.2.69.160", "81.2.69.161", "6.2.4.1"]
 
 
 # ---------------------------------------------------------------------------------------------- cards
@@ -225,6 +259,17 @@ def test_passwords_in_urls_but_not_placeholders():
         "redis://:<password>@cache:6379, ftp://anonymous@ftp.example.net/"
     )
     assert found(text) == [("url_password", "Tr0ub4dor&3")]
+
+
+def test_placeholder_passwords_in_other_languages_are_not_passwords():
+    text = (
+        "smb://utilisateur:motdepasse@serveur/partage ftp://usuário:senha@servidor/ "
+        "mysql://usuario:contraseña@servidor/db sftp://benutzer:Passwort@server/ "
+        "http://utente:la_password@host/ https://gebruiker:wachtwoord@host/ "
+        "ssh://user:votre-mot-de-passe@hote/ imap://user:your_password@host/ "
+        "ftp://u:пароль@сервер/ ftp://u:senha9Xq2@servidor/"
+    )
+    assert found(text) == [("url_password", "senha9Xq2")]
 
 
 # ---------------------------------------------------------------------------------------------- general

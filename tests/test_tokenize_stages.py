@@ -89,3 +89,25 @@ def test_bad_settings_are_errors_naming_the_key(corpus, tmp_path):  # noqa: F811
         run_workflow(path, runs_dir=tmp_path / "runs", overrides=["pack.shard_tokens=0"])
     with pytest.raises(StageError, match=r"'nope' is neither a tokenizer .* \['bpe', 'uni', 'wp'\]"):
         run_workflow(path, runs_dir=tmp_path / "runs", overrides=["pack.tokenizer=nope"])
+
+
+def test_tokenizer_far_below_its_asked_vocab_size_is_warned_in_stats_and_on_the_dashboard(
+        corpus, tmp_path, monkeypatch):  # noqa: F811
+    stage = {"type": "tokenizers", "input": str(corpus[0].parent / "part-*.parquet"), "holdout_fraction": 0.1,
+             "max_train_docs": 2, "show_progress": False,
+             "tokenizers": [{"name": "huge", "kind": "bpe", "vocab_size": 100_000},
+                            {"name": "fits", "kind": "bpe", "vocab_size": 300}]}
+    workflow = tmp_path / "vocab.yaml"
+    workflow.write_text(yaml.safe_dump({"name": "vocab", "dask": {"scheduler": "synchronous"},
+                                        "stages": {"tokenizers": stage}}))
+    run_dir = run_workflow(workflow, runs_dir=tmp_path / "runs")
+    stats = json.loads((run_dir / "tokenizers" / "stats.json").read_text())
+    trained = load_tokenizer(run_dir / "tokenizers" / "huge").get_vocab_size()
+    assert trained < 50_000 and stats["tokenizers"]["huge"]["vocab_size_asked"] == 100_000
+    assert len(stats["warnings"]) == 1  # `fits` got its 300
+    assert "'huge'" in stats["warnings"][0] and "100000" in stats["warnings"][0] and str(trained) in stats["warnings"][0]
+
+    from tests.test_dashboard import render
+
+    at = render(run_dir, "tokenizers", monkeypatch)
+    assert [w.value for w in at.warning] == stats["warnings"]

@@ -93,6 +93,8 @@ def show_tokenizers(run: Run, stage: StageView) -> None:
     metric(cols[2], "held-out documents", holdout.get("docs"))
     best = table.loc[table["bytes_per_token"].idxmax(), "tokenizer"] if "bytes_per_token" in table else None
     metric(cols[3], "most bytes/token", best)
+    for warning in stats.get("warnings") or []:
+        st.warning(warning)
 
     st.subheader("Comparison on held-out documents")
     if table.empty:

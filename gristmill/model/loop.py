@@ -45,6 +45,29 @@ SAMPLES_FILE = "samples.jsonl"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the loss, the gradient norm or the weights are no longer finite."""
+
+
+def stop_if_not_finite(step: int, values: dict[str, torch.Tensor], ddp: bool, last_finite: tuple[int, float] | None,
+                       checkpoint: Path, saved_step: int | None) -> None:
+    """Raise `NonFiniteLoss` (on every process alike) when any of `values` is NaN or infinite, naming
+    the step, the last finite loss and the checkpoint that stays as the last good one."""
+    finite = torch.stack([torch.isfinite(v).all() for v in values.values()])
+    bad = (~finite).any().float()
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad.item():
+        return
+    what = ", ".join(f"{name} {'finite' if ok else 'not finite'}" for name, ok in zip(values, finite.tolist()))
+    last = f"last finite loss {last_finite[1]:.4f} at step {last_finite[0]}" if last_finite else "no finite loss yet"
+    kept = f"{checkpoint} (step {saved_step}) is kept" if saved_step else "no checkpoint was written"
+    raise NonFiniteLoss(
+        f"training diverged at step {step} ({what}); {last}; {kept}. "
+        "Lower learning_rate, lengthen warmup_steps or set grad_clip, then resume or start again."
+    )
+
+
 def learning_rate_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to `learning_rate`, then cosine decay to `min_lr_ratio * learning_rate` at
     `max_steps`, or WSD: stable until the last `decay_fraction` of steps, then linear decay."""
@@ -154,6 +177,8 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
     interval_time, interval_steps, run_time, run_steps = 0.0, 0, 0.0, 0
     progress = make_progress(master and config.progress)
     task = progress.add_task("train", total=config.max_steps, completed=step, loss="")
+    last_finite: tuple[int, float] | None = None  # (step, loss) for the divergence message
+    saved_step = step or None  # the checkpoint a divergence leaves in place
     with progress:
         while step < last_step:
             step += 1
@@ -174,6 +199,10 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                 loss_sum += loss.detach()
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
+            # before the update: a NaN gradient never reaches the weights
+            stop_if_not_finite(step, {"loss": loss_sum, "gradient norm": grad_norm}, ddp, last_finite,
+                               checkpoint_file, saved_step)
+            last_finite = (step, loss_sum.item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -210,6 +239,9 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                     append_record(out_dir / METRICS_FILE, record)
                 progress.update(task, loss=f"loss {record['loss']:.3f}")
             if step % config.checkpoint_every == 0 or is_last:
+                weights = {"weights": torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()])}
+                stop_if_not_finite(step, weights, ddp, last_finite, checkpoint_file, saved_step)
+                saved_step = step
                 rng_states = gather_rng_states(device, ddp, world_size)
                 if master:
                     save_checkpoint(checkpoint_file, raw_model, optimizer, step, rng_states, config, info)

@@ -50,7 +50,7 @@ def train_command(
     settings: list[str] = typer.Option([], "--set", help="any other setting, key=value (repeatable)"),
 ) -> None:
     """Train a GPT on packed token shards (DDP when started by torchrun)."""
-    from gristmill.model.loop import train  # torch loads only when training starts
+    from gristmill.model.loop import NonFiniteLoss, train  # torch loads only when training starts
 
     options = {
         "max_steps": max_steps,
@@ -69,7 +69,11 @@ def train_command(
         train_config = load_config(config, overrides)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    summary = train(train_config, shards_dir, out, resume=resume)
+    try:
+        summary = train(train_config, shards_dir, out, resume=resume)
+    except NonFiniteLoss as error:
+        Console(stderr=True).print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
     if int(os.environ.get("RANK", 0)) == 0:
         Console().print_json(json.dumps(summary))
 

@@ -28,6 +28,18 @@ from gristmill.tokenize.train import (
     train_tokenizer,
 )
 
+# A trained vocabulary under this share of the asked size gets a warning in stats.json and on the
+# dashboard: the corpus ran out of merges (vocab_size 100000 on a tiny corpus gives a few hundred).
+VOCAB_SHORTFALL_WARNING = 0.5
+
+
+def vocab_shortfall(name: str, asked: int, trained: int) -> str | None:
+    """A warning when a tokenizer ended far below its asked vocabulary size, else None."""
+    if trained >= VOCAB_SHORTFALL_WARNING * asked:
+        return None
+    return (f"tokenizer {name!r}: vocab_size {asked} was asked, the training text gave only {trained} tokens "
+            f"({trained / asked:.1%}); train on more text or ask for a smaller vocabulary")
+
 
 class TokenizersConfig(StageConfig):
     """Tokenizers to train and how much text to train and evaluate them on."""
@@ -82,6 +94,7 @@ def run_tokenizers(ctx: StageContext) -> StageResult:
             "langs": {lang: langs.count(lang) for lang in sorted({x for x in langs if x})},
         },
         "tokenizers": {},
+        "warnings": [],
     }
     for spec in config.tokenizers:
         folder = ctx.stage_dir / spec.name
@@ -90,8 +103,14 @@ def run_tokenizers(ctx: StageContext) -> StageResult:
             # The trainer's own bars only make sense on a terminal; in logs they print blank lines.
             trained = train_tokenizer(spec, parts, train_sample, config.show_progress and sys.stderr.isatty())
             save_tokenizer(trained, folder)
+        trained_size = trained.tokenizer.get_vocab_size(with_added_tokens=True)
+        warning = vocab_shortfall(spec.name, spec.vocab_size, trained_size)
+        if warning is not None:
+            report["warnings"].append(warning)
+            print(f"warning: {warning}", file=sys.stderr)
         report["tokenizers"][spec.name] = {
             "kind": spec.kind,
+            "vocab_size_asked": spec.vocab_size,
             "path": str(folder),
             "train_docs": trained.train_docs,
             "train_bytes": trained.train_bytes,

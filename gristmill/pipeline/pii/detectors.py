@@ -15,6 +15,7 @@ import functools
 import ipaddress
 import json
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -48,11 +49,22 @@ DEFAULT_ALLOWED_NETWORKS = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
 # Values published as examples in vendors' documentation: never anyone's secret.
 DEFAULT_ALLOWED_VALUES = ("AKIAIOSFODNN7EXAMPLE", "ASIAIOSFODNN7EXAMPLE")
 
-# Placeholders people write for the password part of a URL in documentation.
-PASSWORD_PLACEHOLDERS = frozenset(
-    {"password", "passwd", "pass", "pwd", "secret", "mypassword", "mysecretpassword", "yourpassword",
-     "changeme", "xxx", "xxxx", "xxxxxx", "***", "****", "******", "..."}
+# Placeholders people write for the password part of a URL in documentation, in the languages
+# manuals are written in (`smb://utilisateur:motdepasse@serveur/`, `usuário:senha@servidor`).
+# Compared after lower-casing and dropping `_-. ` and a possessive (`your_password`, `votre-mdp`).
+PASSWORD_WORDS = frozenset(
+    {"password", "passwd", "pass", "pwd", "pw", "secret", "mysecretpassword", "changeme", "passphrase",
+     "motdepasse", "mdp",  # fr
+     "passwort", "kennwort", "geheim",  # de
+     "contraseña", "contrasena", "clave", "senha", "palavrapasse",  # es, pt
+     "parolachiave", "parolasegreta",  # it
+     "wachtwoord",  # nl
+     "hasło", "haslo", "heslo", "jelszó", "jelszo", "parolă", "parola", "salasana", "lösenord", "losenord",
+     "adgangskode", "passord", "şifre", "sifre", "пароль", "parol", "密码", "密碼", "パスワード", "비밀번호"}
 )
+PASSWORD_POSSESSIVES = ("my", "your", "the", "some", "mon", "ton", "votre", "notre", "mein", "dein", "ihr",
+                        "tu", "su", "mi", "sua", "seu", "minha", "teu", "tua", "il", "la", "tuo", "mio", "je", "uw")
+_PLACEHOLDER_FILLER = frozenset({"xxx", "xxxx", "xxxxx", "xxxxxx", "xxxxxxxx", "***", "****", "******", "...", "…"})
 # `name@2x.png` is an image, not an address: top-level "domains" that are file extensions.
 FILE_EXTENSION_TLDS = frozenset(
     {"png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "ico", "css", "js", "ts", "json", "html", "htm",
@@ -90,7 +102,7 @@ _HEX = "[0-9A-Fa-f]"
 _DIGIT_SEPARATOR = r"(?:[ \u00a0\-./]|\)[ \u00a0\-]?|[ \u00a0]?\()"
 _DIGIT_GROUPS = rf"(?=(?:{_DIGIT_SEPARATOR}?\d){{6}})\d{{0,18}}(?:{_DIGIT_SEPARATOR}\d{{1,18}}){{0,8}}(?!\w|[.,/\-]\d)"
 _WORD_START_CANDIDATES = {
-    "jwt": r"eyJ(?<![\w-]e)[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
+    "jwt": r"eyJ(?<![\w-]eyJ)[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
     "aws_access_key": r"A(?:KIA|SIA|BIA|CCA)[A-Z2-7]{16}(?![A-Za-z0-9])",
     "github_token": r"g(?:h[pousr]_[A-Za-z0-9]{36}|ithub_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59})(?![A-Za-z0-9_])",
     "gitlab_token": r"gl(?<!-g)(?:pat|dt|ptt|rt|cbt|soat|ffct|oas)-[A-Za-z0-9_-]{20,64}(?![A-Za-z0-9_-])",
@@ -99,7 +111,8 @@ _WORD_START_CANDIDATES = {
                      r"(?![A-Za-z0-9_-])",
     "stripe_key": r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,247}(?![A-Za-z0-9_])",
     "iban": r"[A-Z][A-Z]\d\d(?:[ \u00a0]?[A-Z0-9]){11,30}",
-    "ipv4": r"\d(?<![.\-/=]\d)\d{0,2}(?:\.\d{1,3}){3}(?!\w|\.\w)",
+    # `client=81.2.69.160` is an address (server logs); `pkg==3.1.1.3`, `>=`, `~=` pin versions
+    "ipv4": r"\d(?<![.\-/]\d)(?<![=<>!~]=\d)\d{0,2}(?:\.\d{1,3}){3}(?!\w|\.\w)",
     # phones, payment cards and SSNs look alike: one candidate, told apart by the validators
     "number": r"\d(?<![.+\-/,]\d)" + _DIGIT_GROUPS,
     "ipv6": rf"[0-9A-Fa-f](?<![:.][0-9A-Fa-f]){_HEX}{{0,3}}(?::{_HEX}{{0,4}}){{2,7}}(?![\w:])",
@@ -107,7 +120,7 @@ _WORD_START_CANDIDATES = {
              r"(?![\w\-])",
 }
 _PUNCTUATION_START_CANDIDATES = {
-    "private_key": r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]{1,16384}?"
+    "private_key": r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[^-]|-(?!----)){1,16384}?"
                    r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
     "url_password": r"://[^\s:/@?#\[\]\"'<>]{1,64}:(?P<password>[^\s:/@?#\"'<>]{1,128})@(?=[A-Za-z0-9\[])",
     "number_international": r"\+(?<![\w.+\-/,]\+)[ \u00a0]?\(?\d" + _DIGIT_GROUPS,
@@ -138,7 +151,20 @@ _SSN = re.compile(r"(\d{3})([- ])(\d{2})\2(\d{4})")
 _CARD_GROUPINGS = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (4, 4, 4, 4, 2), (4, 4, 4, 1))
 _PEM_BODY = re.compile(r"[A-Za-z0-9+/=]{16}")
 # "version 1.2.3.4", "v. 10.0.0.1", "build 4.2.1.7": dotted quads that are versions, not addresses
-_VERSION_BEFORE = re.compile(r"(?i)(?:\bversion|\brelease|\bbuild|\bver|\brev|\bv)[\s.:#]{0,3}$")
+_VERSION_BEFORE = re.compile(r"(?i)(?:\bversion|\brelease|\bbuild|\bver|\brev|\bv)[\s.:#=]{0,3}$")
+# The parents of section numbers in a document: `6.2.4` in `6.2.4. Mail servers` or `6.2.4 Mail`.
+_SECTION_PARENT = re.compile(r"(\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3})\.?[ \t]+[^\W\d]")
+# Words that say "this is a phone number" shortly before one, in the languages of the web
+# (matched as word starts: `tel` covers Tel., Telefon, telephone, telefono, Telefax ...).
+_PHONE_WORDS = re.compile(
+    r"(?i)(?:\b(?:tel|tél|phone|mobil|móvil|cell|celular|portable|handy|fax|call|ruf|puhelin|whatsapp|"
+    r"тел|моб|факс)|電話|电话|手机|携帯|전화|☎|📞)"
+)
+_NANP_NUMBER = re.compile(r"[2-9]\d\d[2-9]\d{6}")
+
+
+class ScanTimeout(Exception):
+    """A document's scan ran past its time budget (`PiiScanner.scan(..., deadline=...)`)."""
 
 
 class Finding(NamedTuple):
@@ -246,30 +272,65 @@ def _written_nationally(number: phonenumbers.PhoneNumber, digits: str) -> bool:
     return _NON_DIGIT.sub("", national) == digits
 
 
+def _parse_phone_shaped(candidate: str, region: str) -> phonenumbers.PhoneNumber | None:
+    """The parsed number if `candidate` is shaped like a phone number at all (not a date, ISBN,
+    version or long id), read in `region` unless it starts with + or 00, else None."""
+    digits = _NON_DIGIT.sub("", candidate)
+    if not 7 <= len(digits) <= 15:
+        return None
+    if len(digits) > 12 and digits == candidate:
+        return None  # ids, timestamps and card numbers: a phone this long is written in groups
+    if _DATE.search(candidate) or is_isbn13(digits) or (candidate.count("-") == 3 and is_isbn10(digits)):
+        return None
+    if "." in candidate and not candidate.startswith("+"):
+        # version numbers (3.11.2.1): a dotted phone number has groups of two or more digits
+        if any(len(g) < 2 for g in _SPACE_OR_DOT.split(candidate) if g):
+            return None
+    try:
+        number = phonenumbers.parse(candidate, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if number.country_code == 1 and str(number.national_number)[3:] in _NANP_FICTIONAL:
+        return None
+    if not candidate.startswith(("+", "00")) and not _written_nationally(number, digits):
+        return None
+    return number
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def is_phone(candidate: str, region: str) -> bool:
     """A number `phonenumbers` says is assigned, read in `region` unless it starts with + or 00.
     Cached: pages repeat the same numbers (footers, contact blocks) and parsing is the slow part."""
-    digits = _NON_DIGIT.sub("", candidate)
-    if not 7 <= len(digits) <= 15:
-        return False
-    if len(digits) > 12 and digits == candidate:
-        return False  # ids, timestamps and card numbers: a phone this long is written in groups
-    if _DATE.search(candidate) or is_isbn13(digits) or (candidate.count("-") == 3 and is_isbn10(digits)):
-        return False
-    if "." in candidate and not candidate.startswith("+"):
-        # version numbers (3.11.2.1): a dotted phone number has groups of two or more digits
-        if any(len(g) < 2 for g in _SPACE_OR_DOT.split(candidate) if g):
-            return False
-    try:
-        number = phonenumbers.parse(candidate, region)
-    except phonenumbers.NumberParseException:
-        return False
-    if number.country_code == 1 and str(number.national_number)[3:] in _NANP_FICTIONAL:
+    number = _parse_phone_shaped(candidate, region)
+    if number is None:
         return False
     if candidate.startswith(("+", "00")):
         return phonenumbers.is_valid_number(number)
-    return phonenumbers.is_valid_number_for_region(number, region) and _written_nationally(number, digits)
+    return phonenumbers.is_valid_number_for_region(number, region)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def is_possible_phone(candidate: str, region: str) -> bool:
+    """A number of a length its country dials, written in groups, that `phonenumbers` may not know
+    as assigned (`+1 (794) 263-3202`: a new area code). Missing a phone is worse than scrubbing a
+    look-alike, so the scanner takes these where the context says phone; a bare digit run never."""
+    if candidate.isdigit():
+        return False
+    number = _parse_phone_shaped(candidate, region)
+    if number is None:
+        return False
+    if number.country_code == 1 and not _NANP_NUMBER.fullmatch(str(number.national_number)):
+        return False
+    reason = phonenumbers.is_possible_number_with_reason(number)
+    return reason == phonenumbers.ValidationResult.IS_POSSIBLE
+
+
+def phone_context(text: str, start: int, candidate: str) -> bool:
+    """A `+` country code, an area code in parentheses, or a phone word (tel, Telefon, 電話, ...)
+    in the 32 characters before the candidate."""
+    if candidate.startswith("+") or "(" in candidate:
+        return True
+    return _PHONE_WORDS.search(text, max(0, start - 32), start) is not None
 
 
 # 555-0100 to 555-0199 are reserved for fiction in the North American plan: films, docs, tests.
@@ -315,6 +376,33 @@ def is_public_ip(candidate: str, public_only: bool, allowed_networks) -> bool:
 
 
 _IPV6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+
+
+def is_heading_number(text: str, start: int, end: int) -> bool:
+    """`6.2.4.1. exim4`, `10.4.2.1.`: a dotted quad opening a line and followed by a period numbers
+    a heading. Looks at most 8 characters back, so a line of many addresses stays linear."""
+    j = start
+    while j > 0 and start - j < 8 and text[j - 1] in " \t#*>":
+        j -= 1
+    return (j == 0 or text[j - 1] == "\n") and text.startswith(".", end)
+
+
+def section_parents(text: str) -> frozenset[str]:
+    """Every `a.b.c` that numbers a heading in `text` (one pass, done once per document), so that
+    `6.2.4.1` is a section where `6.2.4 Mail servers` is one too."""
+    return frozenset(_SECTION_PARENT.findall(text))
+
+
+def is_password_placeholder(value: str) -> bool:
+    """`password`, `motdepasse`, `senha`, `your_password`, `votre-mot-de-passe`, `xxxx`: a slot."""
+    folded = value.lower()
+    if folded in _PLACEHOLDER_FILLER:
+        return True
+    for separator in "_-. ":
+        folded = folded.replace(separator, "")
+    if folded in PASSWORD_WORDS:
+        return True
+    return any(folded.startswith(p) and folded[len(p) :] in PASSWORD_WORDS for p in PASSWORD_POSSESSIVES)
 
 
 def is_email(candidate: str, allow: AllowList) -> bool:
@@ -393,10 +481,13 @@ class PiiScanner:
             return PHONE_REGION_BY_LANG.get(lang.split("-")[0].split("_")[0].lower(), self.phone_region)
         return self.phone_region
 
-    def scan(self, text: str, lang: str | None = None) -> list[Finding]:
-        """Every validated finding in `text`, in order, non-overlapping."""
+    def scan(self, text: str, lang: str | None = None, deadline: float | None = None) -> list[Finding]:
+        """Every validated finding in `text`, in order, non-overlapping. With a `deadline` (a
+        `time.perf_counter()` value), raises `ScanTimeout` once it passes, checked after each
+        candidate: every pattern is linear, so the time between two checks is bounded too."""
         findings: list[Finding] = []
         region = None
+        parents: frozenset[str] | None = None  # section numbers, found on the first address
         types = self.types
         pattern = CANDIDATE_PATTERN if "@" in text else _CANDIDATE_PATTERN_NO_EMAIL
         for match in pattern.finditer(text):
@@ -410,10 +501,10 @@ class PiiScanner:
                 kind = "slack_token"
             if kind in _NUMBER_KINDS:
                 region = region or self.region_for(lang)
-                found = self._classify_number(value, region)
+                found = self._classify_number(value, region, text, start)
                 if found is None and " " in value and len(_NON_DIGIT.sub("", value)) >= 8:
                     for offset, reading in _number_readings(value):
-                        found = self._classify_number(reading, region)
+                        found = self._classify_number(reading, region, text, start + offset)
                         if found is not None:
                             start, end, value = start + offset, start + offset + len(reading), reading
                             break
@@ -424,6 +515,14 @@ class PiiScanner:
                     and not _VERSION_BEFORE.search(text, max(0, start - 16), start)
                 ):
                     found = "ip_address"
+                    if kind == "ipv4" and is_heading_number(text, start, end):
+                        found = None
+                    elif kind == "ipv4" and all(len(part) <= 2 for part in value.split(".")):
+                        # section numbers have at most two digits a level; only then is the
+                        # document searched for the parent section
+                        parents = section_parents(text) if parents is None else parents
+                        if value.rsplit(".", 1)[0] in parents:
+                            found = None
             elif kind == "iban":
                 if "iban" in types:
                     iban = iban_prefix(value)
@@ -433,17 +532,22 @@ class PiiScanner:
                 found = kind if self._validate(kind, value) else None
             if found is not None:
                 findings.append(Finding(found, start, end, value))
+            if deadline is not None and time.perf_counter() > deadline:
+                raise ScanTimeout(f"stopped after {len(findings)} findings at character {end} of {len(text)}")
         return findings
 
-    def _classify_number(self, value: str, region: str) -> str | None:
-        """Payment card, SSN or phone, tried in that order (a card number is never a phone)."""
+    def _classify_number(self, value: str, region: str, text: str, start: int) -> str | None:
+        """Payment card, SSN or phone, tried in that order (a card number is never a phone); a
+        possible but unassigned phone number counts where its context says phone."""
         types = self.types
         n = len(_NON_DIGIT.sub("", value))
         if n >= 13 and "payment_card" in types and is_payment_card(value):
             return "payment_card"
         if n == 9 and "us_ssn" in types and is_us_ssn(value):
             return "us_ssn"
-        if 7 <= n <= 15 and "phone" in types and is_phone(value, region):
+        if 7 <= n <= 15 and "phone" in types and (
+            is_phone(value, region) or (is_possible_phone(value, region) and phone_context(text, start, value))
+        ):
             return "phone"
         return None
 
@@ -455,7 +559,7 @@ class PiiScanner:
         if kind == "private_key":
             return has_key_material(value)
         if kind == "url_password":
-            return value.lower() not in PASSWORD_PLACEHOLDERS and not _is_template(value)
+            return not is_password_placeholder(value) and not _is_template(value)
         return looks_random(value)  # the token kinds
 
 

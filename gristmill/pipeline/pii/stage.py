@@ -11,18 +11,20 @@ to its type's policy, and two columns are added:
   null when it is off.
 
 Documents are never dropped for containing personal data; only a record that cannot be scanned
-(null text) goes to `removed/` with its reason.
+goes to `removed/` with its reason: `pii:null_text`, or `pii:time_budget` when its scan ran past
+`seconds_per_document` (it could not be checked, so it must not go on unscrubbed; the part goes on).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import time
 from typing import Any, Literal
 
 import phonenumbers
 import pyarrow as pa
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gristmill.pipeline import io
 from gristmill.pipeline.pii.detectors import (
@@ -37,6 +39,7 @@ from gristmill.pipeline.pii.detectors import (
     Finding,
     PersonNameDetector,
     PiiScanner,
+    ScanTimeout,
     merge_findings,
 )
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, document_stage
@@ -76,6 +79,8 @@ class PiiConfig(StageConfig):
     example_window: int = 40  # characters of context either side of an example
     names_min_score: float = 0.85  # Presidio score a person name needs
     names_language: str = "en"
+    # a document whose scan takes longer goes to removed/ as `pii:time_budget`; null: no limit
+    seconds_per_document: float | None = Field(default=10.0, gt=0)
 
     @field_validator("types")
     @classmethod
@@ -212,9 +217,23 @@ def finalize_pii_stats(stats: dict[str, Any], config: PiiConfig) -> dict[str, An
     }
 
 
+def scan_within_budget(scanner: PiiScanner, names: PersonNameDetector | None, text: str, lang: str | None,
+                       seconds: float | None) -> list[Finding]:
+    """Structured findings, merged with names when enabled; raises `ScanTimeout` past `seconds`
+    (checked between candidates and before the name model runs)."""
+    deadline = None if seconds is None else time.perf_counter() + seconds
+    findings = scanner.scan(text, lang, deadline)
+    if names is not None:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise ScanTimeout("no time left for the name model")
+        findings = merge_findings(findings, names.scan(text))
+    return findings
+
+
 @document_stage("pii", PiiConfig, finalize_stats=finalize_pii_stats)
 def scrub_partition(table: pa.Table, config: PiiConfig) -> PartitionOutput:
-    """Scan and scrub one part; documents with null text go to `removed` as `pii:null_text`."""
+    """Scan and scrub one part; documents with null text go to `removed` as `pii:null_text`, those
+    whose scan runs past the time budget as `pii:time_budget`."""
     if "text" not in table.column_names:
         raise ValueError(f"pii: input has no `text` column (columns: {', '.join(table.column_names)})")
     scanner = config.scanner()
@@ -237,18 +256,23 @@ def scrub_partition(table: pa.Table, config: PiiConfig) -> PartitionOutput:
     examples: list[dict] = []
     example_counts = dict.fromkeys(ALL_TYPES, 0)
     keep_mask: list[bool] = []
+    removed_reasons: list[str] = []
     out_texts: list[str] = []
     docs_touched = characters = 0
     for doc_id, text, lang in zip(ids, texts, langs):
         if text is None:
             keep_mask.append(False)
+            removed_reasons.append("pii:null_text")
+            continue
+        try:
+            findings = scan_within_budget(scanner, names, text, lang, config.seconds_per_document)
+        except ScanTimeout:
+            keep_mask.append(False)
+            removed_reasons.append("pii:time_budget")
             continue
         row = len(out_texts)
         keep_mask.append(True)
         characters += len(text)
-        findings = scanner.scan(text, lang)
-        if names is not None:
-            findings = merge_findings(findings, names.scan(text))
         if not findings:
             out_texts.append(text)
             span_offsets.append(len(span_types))
@@ -288,14 +312,14 @@ def scrub_partition(table: pa.Table, config: PiiConfig) -> PartitionOutput:
     )
     kept = kept.append_column("pii_counts", counts_column)
     kept = kept.append_column("pii_spans", spans_column)
-    removed = io.with_reason(table.filter(pa.array([not k for k in keep_mask], type=pa.bool_())), "pii:null_text")
+    removed = io.with_reason(table.filter(pa.array([not k for k in keep_mask], type=pa.bool_())), removed_reasons)
     stats = {
         "documents": kept.num_rows,
         "documents_with_pii": docs_touched,
         "characters": characters,
         "found": {t: sum(column) for t, column in counts.items()},
         "documents_by_type": {t: sum(1 for n in column if n) for t, column in counts.items()},
-        "removed_by_reason": {"pii:null_text": removed.num_rows},
+        "removed_by_reason": {r: removed_reasons.count(r) for r in sorted(set(removed_reasons))},
         "examples": examples,
     }
     return PartitionOutput(kept, removed, stats)
