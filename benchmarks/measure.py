@@ -70,7 +70,7 @@ def interleaved(sides: dict[str, Callable[[], Any]], rounds: int = ROUNDS,
                 warm_up: dict[str, Callable[[], Any]] | None = None) -> dict[str, Timing]:
     """One untimed run of every side (or of its `warm_up` callable), then `rounds` rounds in turn."""
     for name, fn in sides.items():
-        (warm_up or sides).get(name, fn)()
+        (warm_up or {}).get(name, fn)()
     timings = {name: Timing() for name in sides}
     for _ in range(rounds):
         for name, fn in sides.items():
