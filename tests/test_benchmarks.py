@@ -68,11 +68,11 @@ def test_pack_benchmark_reads_back_per_document_the_ids_encode_batch_fast_gives(
 
 
 def test_filters_benchmark_gives_both_tools_the_same_documents_and_compares_kept_texts():
-    texts = filters.edited_copies(filters.page_texts(), 40)
+    texts = filters.edited_copies(filters.page_texts(), 16)
     config = filters.FilterConfig(type="filter", **filters.SAME_RULES)
-    ours = filters.gristmill_outcomes(filters.parts_of(texts, 16), config)
+    ours = filters.gristmill_outcomes(filters.parts_of(texts, 6), config)
     theirs = filters.datatrove_outcomes(texts)
-    assert set(ours) == set(theirs) == {str(i) for i in range(40)}
+    assert set(ours) == set(theirs) == {str(i) for i in range(16)}
     kept_by_both = [i for i in ours if ours[i][0] is None and theirs[i][0] is None]
     removed_by_both = [i for i in ours if ours[i][0] is not None and theirs[i][0] is not None]
     assert kept_by_both and removed_by_both
