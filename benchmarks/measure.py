@@ -59,13 +59,6 @@ class Timing:
         return min(self.wall_s)
 
 
-def timed(fn: Callable[[], Any], timing: Timing) -> None:
-    cpu, wall = cpu_seconds(), time.perf_counter()
-    timing.result = fn()
-    timing.cpu_s.append(cpu_seconds() - cpu)
-    timing.wall_s.append(time.perf_counter() - wall)
-
-
 def interleaved(sides: dict[str, Callable[[], Any]], rounds: int = ROUNDS,
                 warm_up: dict[str, Callable[[], Any]] | None = None) -> dict[str, Timing]:
     """One untimed run of every side (or of its `warm_up` callable), then `rounds` rounds in turn."""
@@ -74,7 +67,10 @@ def interleaved(sides: dict[str, Callable[[], Any]], rounds: int = ROUNDS,
     timings = {name: Timing() for name in sides}
     for _ in range(rounds):
         for name, fn in sides.items():
-            timed(fn, timings[name])
+            cpu, wall = cpu_seconds(), time.perf_counter()
+            timings[name].result = fn()
+            timings[name].cpu_s.append(cpu_seconds() - cpu)
+            timings[name].wall_s.append(time.perf_counter() - wall)
     for name, timing in timings.items():
         rounds_text = ", ".join(f"{c:.3f}" for c in timing.cpu_s)
         print(f"{name}: CPU s per round {rounds_text} (best {timing.best_cpu_s:.3f}; best wall "
