@@ -3,15 +3,27 @@
 Data: the sample site's pages as plain text, plus edited copies of each at known edit rates
 (word substitutions, deletions and insertions), built with a fixed seed. Truth: the exact Jaccard
 similarity of the word 5-gram shingle sets of every pair (one sparse matrix product), a pair being
-a duplicate at Jaccard >= 0.8. Both tools get the same normalised text, the same shingles and 128
-permutations; each reports its candidate pairs. gristmill's pairs are those its dedup stage would
-accept with its defaults (LSH shape weighted to recall, then true-Jaccard verification); the
-datasketch pairs are what `MinHashLSH(threshold=0.8).query` returns.
+a duplicate at Jaccard >= 0.8. Both tools get the same documents, normalised once, and the same
+word 5-gram shingles.
 
-Throughput: signatures per second on one core, from normalised text to finished signatures
-(shingling and hashing included) for both, the best of three interleaved rounds. gristmill's default scheme is one-permutation hashing
-with optimal densification; its `datasketch` scheme (128 affine permutations, datasketch's own)
-is timed too and reported as `permutations_scheme_ratio`.
+Speed (`ratio`, equal work): signatures per CPU second on the same documents, from normalised
+text to finished signatures, shingling and hashing included, one thread each (benchmarks/measure.py:
+one untimed warm-up each, then interleaved rounds, best round per side). Both compute 128
+`affine32` permutations, datasketch 2's default scheme: gristmill's `scheme: datasketch` against
+`datasketch.MinHash(num_perm=128, seed=1).update_batch` over the shingle strings. The shingle hash
+differs (gristmill: vectorised tabulation hashing of words; datasketch: SHA-1 of each shingle
+string, its default), each hashing every shingle once to 32 bits. Equal outputs are checked: given
+gristmill's 32-bit shingle hashes (an identity `hashfunc`), datasketch computes the same
+signature as gristmill for every document (`signatures_equal`).
+
+gristmill's default scheme, one-permutation hashing with optimal densification, does less work
+(one hash per shingle instead of 128): its speed-up is the separate `one_permutation_ratio`.
+
+Quality: precision, recall and F1 of the pairs each reports, with and without verification by
+exact Jaccard (>= 0.8) of the same shingles. gristmill: its dedup stage's defaults
+(`one_permutation`, LSH shape weighted to recall, verified by default: `f1`; its raw LSH candidates:
+`f1_unverified`). datasketch: `MinHashLSH(threshold=0.8).query` as returned (`reference_f1`) and
+those pairs verified the same way (`reference_f1_verified`).
 
 `--memory`: dedup of 200k short documents through the stage on a 2-worker LocalCluster,
 reporting each worker's peak resident memory.
@@ -35,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import sparse
 
+from benchmarks.measure import THREADS, interleaved, pin_threads
 from benchmarks.sample_pages import sample_pages
 from gristmill.pipeline import io
 from gristmill.pipeline.dedup import minhash as mh
@@ -100,82 +113,117 @@ def scores(found: set, truth: set) -> dict[str, float]:
     return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}
 
 
-def datasketch_signatures(normalised: list[str]):
-    """What a datasketch user writes: word 5-gram strings, then MinHash.update_batch."""
+def shingle_strings(text: str) -> list[bytes]:
+    """What a datasketch user writes: the word 5-grams of a normalised text, as bytes."""
+    words = text.split()
+    return [" ".join(words[i : i + NGRAM]).encode() for i in range(max(len(words) - NGRAM + 1, 1))] if words else []
+
+
+def datasketch_signatures(normalised: list[str]) -> list:
+    """datasketch's own path: shingle strings, SHA-1 hashed, 128 `affine32` permutations."""
     from datasketch import MinHash
 
     signatures = []
     for text in normalised:
-        words = text.split()
-        shingles = [" ".join(words[i : i + NGRAM]).encode() for i in range(max(len(words) - NGRAM + 1, 1))] if words else []
         m = MinHash(num_perm=NUM_PERM, seed=1)
-        m.update_batch(shingles)
+        m.update_batch(shingle_strings(text))
         signatures.append(m)
     return signatures
 
 
+def signatures_match_datasketch(hashes: np.ndarray, offsets: np.ndarray, ours: np.ndarray) -> bool:
+    """Does datasketch, given gristmill's 32-bit shingle hashes, compute gristmill's signatures?"""
+    from datasketch import MinHash
+
+    folded = mh.fold32(hashes)
+    for i in range(len(offsets) - 1):
+        m = MinHash(num_perm=NUM_PERM, seed=1, hashfunc=int)
+        m.update_batch(folded[offsets[i] : offsets[i + 1]].tolist())
+        if offsets[i + 1] > offsets[i] and not np.array_equal(m.hashvalues.astype(np.uint32), ours[i]):
+            return False
+    return True
+
+
+def verified(pairs: set, hashes: np.ndarray, offsets: np.ndarray) -> set[tuple[int, int]]:
+    """The pairs whose exact Jaccard of shingles is at least THRESHOLD."""
+    ordered = sorted(pairs)
+    if not ordered:
+        return set()
+    a, b = np.array(ordered).T
+    return {pair for pair, j in zip(ordered, mh.jaccard_pairs(hashes, offsets, a, b)) if j >= THRESHOLD}
+
+
 def compare(quick: bool) -> dict:
+    pin_threads()
     texts = page_texts()
-    if quick:
-        texts = texts[:80]
-    docs = labelled_set(texts, copies=3)
+    docs = labelled_set(texts, copies=3 if quick else 11)
     normalised = mh.normalise_texts(pa.array(docs), mh.Normalisation())
+    texts_normalised = normalised.to_pylist()
     hashes, offsets = mh.shingle_hashes(normalised, "word", NGRAM)
     truth = true_pairs(hashes, offsets, THRESHOLD)
     print(f"{len(docs)} documents from {len(texts)} pages; {len(truth)} pairs at Jaccard >= {THRESHOLD}", file=sys.stderr)
 
     config = DedupConfig(type="dedup", num_perm=NUM_PERM, threshold=THRESHOLD, ngram=NGRAM)
-    bands, rows = config.bands_rows()
-    texts_normalised = normalised.to_pylist()
-    subset = pa.array(texts_normalised[:200])  # datasketch is timed on 200 documents a round
-    # The machine is shared: rounds interleave the tools and each keeps its best round.
-    rates = {"datasketch": 0.0, config.scheme: 0.0, "reference": 0.0}
-    for _ in range(3):
-        for scheme in ("datasketch", config.scheme):
-            started = time.perf_counter()
+
+    def gristmill(scheme: str):
+        def sign() -> np.ndarray:
             h, o = mh.shingle_hashes(normalised, "word", NGRAM)
-            signatures = mh.signatures_for(h, o, scheme, NUM_PERM, config.seed)
-            rates[scheme] = max(rates[scheme], len(docs) / (time.perf_counter() - started))
-        started = time.perf_counter()
-        datasketch_signatures(subset.to_pylist())
-        rates["reference"] = max(rates["reference"], len(subset) / (time.perf_counter() - started))
-    ours_per_s, reference_per_s = rates[config.scheme], rates["reference"]
-    candidates = mh.candidate_pairs(mh.band_hashes(signatures, bands, rows)[np.diff(offsets) > 0])
+            return mh.signatures_for(h, o, scheme, NUM_PERM, config.seed)
+        return sign
+
+    timings = interleaved({
+        "gristmill scheme datasketch": gristmill("datasketch"),
+        "gristmill scheme one_permutation": gristmill("one_permutation"),
+        "datasketch MinHash": lambda: datasketch_signatures(texts_normalised),
+    })
+    permutations_cpu = timings["gristmill scheme datasketch"].best_cpu_s
+    one_permutation_cpu = timings["gristmill scheme one_permutation"].best_cpu_s
+    reference_cpu = timings["datasketch MinHash"].best_cpu_s
+    equal = signatures_match_datasketch(hashes, offsets, timings["gristmill scheme datasketch"].result)
+
+    bands, rows = config.bands_rows()
     signed = np.flatnonzero(np.diff(offsets) > 0)
-    candidates = {(int(signed[a]), int(signed[b])) for a, b in candidates}
-    ordered = sorted(candidates)
-    similarity = mh.jaccard_pairs(hashes, offsets, np.array([a for a, _ in ordered]), np.array([b for _, b in ordered]))
-    verified = {pair for pair, j in zip(ordered, similarity) if j >= THRESHOLD}
+    signatures = timings["gristmill scheme one_permutation"].result
+    candidates = {(int(signed[a]), int(signed[b])) for a, b in mh.candidate_pairs(mh.band_hashes(signatures[signed], bands, rows))}
 
     from datasketch import MinHashLSH
 
-    minhashes = datasketch_signatures(texts_normalised)
+    minhashes = timings["datasketch MinHash"].result
     lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
     for i, m in enumerate(minhashes):
         lsh.insert(i, m)
     reference = {(min(i, j), max(i, j)) for i, m in enumerate(minhashes) for j in lsh.query(m) if j != i}
 
-    ours = scores(verified, truth)
-    theirs = scores(reference, truth)
-    print(f"gristmill LSH {bands}x{rows}: {len(candidates)} candidates, {len(verified)} verified; "
-          f"unverified {scores(candidates, truth)}; verified {ours}", file=sys.stderr)
-    print(f"datasketch LSH {lsh.b}x{lsh.r}: {len(reference)} candidates; {theirs}", file=sys.stderr)
-    print(f"signatures/s: gristmill {config.scheme} {ours_per_s:,.0f}, gristmill with datasketch's "
-          f"{NUM_PERM} permutations {rates['datasketch']:,.0f}, datasketch {reference_per_s:,.0f}", file=sys.stderr)
+    ours, ours_raw = scores(verified(candidates, hashes, offsets), truth), scores(candidates, truth)
+    theirs, theirs_verified = scores(reference, truth), scores(verified(reference, hashes, offsets), truth)
+    print(f"gristmill LSH {bands}x{rows} (stage defaults): {len(candidates)} candidates; unverified {ours_raw}; "
+          f"verified {ours}", file=sys.stderr)
+    print(f"datasketch LSH {lsh.b}x{lsh.r}: {len(reference)} candidates; unverified {theirs}; verified "
+          f"{theirs_verified}", file=sys.stderr)
+    print(f"signatures per CPU second on the same {len(docs)} documents: gristmill 128 permutations "
+          f"{len(docs) / permutations_cpu:,.0f}, gristmill one-permutation {len(docs) / one_permutation_cpu:,.0f}, "
+          f"datasketch 128 permutations {len(docs) / reference_cpu:,.0f}; datasketch given gristmill's shingle "
+          f"hashes computes {'the same' if equal else 'DIFFERENT'} signatures", file=sys.stderr)
     return {
         "benchmark": "dedup",
+        "documents": len(docs),
+        "signatures_per_s": round(len(docs) / permutations_cpu, 1),
+        "reference_signatures_per_s": round(len(docs) / reference_cpu, 1),
+        "ratio": round(reference_cpu / permutations_cpu, 2),
+        "signatures_equal": equal,
+        "one_permutation_signatures_per_s": round(len(docs) / one_permutation_cpu, 1),
+        "one_permutation_ratio": round(reference_cpu / one_permutation_cpu, 2),
         "f1": ours["f1"],
         "precision": ours["precision"],
         "recall": ours["recall"],
+        "f1_unverified": ours_raw["f1"],
         "reference_f1": theirs["f1"],
         "reference_precision": theirs["precision"],
         "reference_recall": theirs["recall"],
-        "signatures_per_s": round(ours_per_s, 1),
-        "reference_signatures_per_s": round(reference_per_s, 1),
-        "scheme": config.scheme,
-        "permutations_scheme_ratio": round(rates["datasketch"] / reference_per_s, 2),
-        "ratio": round(ours_per_s / reference_per_s, 2),
+        "reference_f1_verified": theirs_verified["f1"],
+        "threads": THREADS,
         "target": 10,
+        "f1_target": 0.97,
     }
 
 
