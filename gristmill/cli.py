@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gristmill.model import cli as model_cli
+from gristmill.model.finetune.cli import finetune_command
 from gristmill.model.train import train_command
 from gristmill.pipeline import io
 from gristmill.pipeline.crawl import cli as crawl_cli
@@ -128,6 +129,7 @@ def dashboard(
 
 app.command("train")(train_command)
 app.command("sample")(model_cli.sample_command)
+app.command("finetune")(finetune_command)
 app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.command("crawl")(crawl_cli.crawl_command)
 

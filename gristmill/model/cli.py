@@ -1,6 +1,7 @@
 """`gristmill sample` (`gristmill train` is in train.py, beside the loop it starts).
 
     gristmill sample runs/my-model --prompt "The kernel" --temperature 0.8 --top-k 50
+    gristmill sample runs/finetune/dpo --chat --prompt "What does the section \"Quotas\" say?"
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def sample_command(
     num_samples: int = typer.Option(1, "--num-samples"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
+    chat: bool = typer.Option(False, "--chat", help="PROMPT is a user turn; print the assistant's reply "
+                              "(a checkpoint from `gristmill finetune`, which carries the chat format)"),
 ) -> None:
     """Print text continuing PROMPT, sampled from a trained checkpoint through its tokenizer."""
     import torch
@@ -30,6 +33,15 @@ def sample_command(
     model, tokenizer, state = load_model(checkpoint, device)
     if tokenizer is None:
         raise typer.BadParameter(f"{checkpoint}: the checkpoint holds no tokenizer (its shards' meta.json named none)")
+    shown_prompt = prompt
+    if chat:
+        from gristmill.model.finetune.data import render_chat
+
+        if not state.get("chat_template") or state.get("eos_id") is None:
+            raise typer.BadParameter(f"{checkpoint}: no chat template; --chat needs an sft or dpo checkpoint")
+        eos_token = tokenizer.id_to_token(state["eos_id"])
+        prompt, _ = render_chat([{"role": "user", "content": prompt}], eos_token, add_generation_prompt=True)
+        shown_prompt = prompt.replace(eos_token, "")  # decoding skips the EOS token
     for i in range(num_samples):
         text = sample_text(
             model,
@@ -42,6 +54,6 @@ def sample_command(
             eos_id=state.get("eos_id"),
             seed=seed + i,
         )
-        typer.echo(text)
+        typer.echo(text.removeprefix(shown_prompt) if chat else text)
         if i + 1 < num_samples:
             typer.echo("---")

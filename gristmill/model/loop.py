@@ -99,22 +99,29 @@ def memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train on the shards in `shards_dir`, writing into `out_dir`; with `resume`, continue from
-    `out_dir/checkpoint.pt`. Returns a summary: steps, tokens, final loss, val loss, tokens/s, MFU."""
-    # ---- processes and device
+def start_processes(device_setting: str) -> tuple[bool, int, int, int, torch.device]:
+    """(ddp, rank, local_rank, world_size, device): DDP when torchrun set RANK and WORLD_SIZE (nccl
+    on CUDA, gloo on CPU); `device_setting` auto means CUDA when available."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    use_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
     if use_cuda:
-        device = torch.device(f"cuda:{local_rank}" if ddp else (config.device if config.device != "auto" else "cuda"))
+        device = torch.device(f"cuda:{local_rank}" if ddp else (device_setting if device_setting != "auto" else "cuda"))
         torch.cuda.set_device(device)
     else:
-        device = torch.device(config.device if config.device != "auto" else "cpu")
+        device = torch.device(device_setting if device_setting != "auto" else "cpu")
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, local_rank, world_size, device
+
+
+def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train on the shards in `shards_dir`, writing into `out_dir`; with `resume`, continue from
+    `out_dir/checkpoint.pt`. Returns a summary: steps, tokens, final loss, val loss, tokens/s, MFU."""
+    # ---- processes and device
+    ddp, rank, local_rank, world_size, device = start_processes(config.device)
     master = rank == 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

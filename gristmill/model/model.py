@@ -162,11 +162,16 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 
 def attention_mask(
-    T: int, device: torch.device, sliding_window: int | None, prefix_len: torch.Tensor | None
+    T: int,
+    device: torch.device,
+    sliding_window: int | None,
+    prefix_len: torch.Tensor | None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask, True where query q may attend to key k: causal (k <= q), within the sliding
-    window (q - k < window), and bidirectional inside each row's prefix (q, k < prefix_len).
-    Shape (T, T), or (B, 1, T, T) with a prefix."""
+    window (q - k < window), bidirectional inside each row's prefix (q, k < prefix_len), and only
+    inside the same packed example when (B, T) `document_ids` are given.
+    Shape (T, T), or (B, 1, T, T) with a prefix or document ids."""
     q = torch.arange(T, device=device)[:, None]
     k = torch.arange(T, device=device)[None, :]
     allowed = k <= q
@@ -175,6 +180,8 @@ def attention_mask(
     if prefix_len is not None:
         in_prefix = (k < prefix_len[:, None, None, None]) & (q < prefix_len[:, None, None, None])
         allowed = allowed | in_prefix
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     return allowed
 
 
@@ -188,7 +195,9 @@ class CausalSelfAttention(nn.Module):
         if config.position == "alibi":
             self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
 
-    def forward(self, x: torch.Tensor, rotary=None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotary=None, prefix_len: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.config.n_head, self.config.head_size
         # split, not slicing a permuted view: its backward is one cat instead of zero-filled
@@ -201,11 +210,11 @@ class CausalSelfAttention(nn.Module):
         q, k = qk.unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         dropout = self.config.dropout if self.training else 0.0
-        plain_causal = self.config.sliding_window is None and prefix_len is None
+        plain_causal = self.config.sliding_window is None and prefix_len is None and document_ids is None
         if plain_causal and self.config.position != "alibi":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            mask = attention_mask(T, x.device, self.config.sliding_window, prefix_len)
+            mask = attention_mask(T, x.device, self.config.sliding_window, prefix_len, document_ids)
             if self.config.position == "alibi":
                 pos = torch.arange(T, device=x.device)
                 distance = (pos[None, :] - pos[:, None]).abs().to(q.dtype)  # symmetric, so a prefix works too
@@ -248,8 +257,10 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rotary=None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary, prefix_len)
+    def forward(
+        self, x: torch.Tensor, rotary=None, prefix_len: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, prefix_len, document_ids)
         return x + self.mlp(self.norm2(x))
 
 
@@ -294,10 +305,12 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position and the mean cross-entropy against `targets` (ids of -1 are
         ignored); without targets, logits of the last position only (B, 1, vocab).
-        `prefix_len` (B,) gives each row a bidirectional prefix (prefix-LM)."""
+        `prefix_len` (B,) gives each row a bidirectional prefix (prefix-LM); `document_ids` (B, T)
+        keep packed examples from attending to each other."""
         B, T = idx.shape
         if T > self.config.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than seq_len={self.config.seq_len}")
@@ -307,7 +320,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         rotary = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.position == "rope" else None
         for block in self.blocks:
-            x = block(x, rotary, prefix_len)
+            x = block(x, rotary, prefix_len, document_ids)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None

@@ -15,6 +15,7 @@ BUILTIN_STAGE_MODULES = (
     "gristmill.pipeline.dedup.stage",
     "gristmill.pipeline.pii.stage",
     "gristmill.model.stage",
+    "gristmill.model.finetune.stage",
     "gristmill.tokenize.stages",
 )
 

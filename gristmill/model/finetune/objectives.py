@@ -1,0 +1,81 @@
+"""Fine-tuning losses: masked next-token loss (sft), DPO against a frozen reference, and a
+classification head on the last token's hidden state.
+
+`GPT.forward` without targets computes logits for the last position only, so the full final
+hidden states are caught with a forward hook on the final norm: the model file stays as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gristmill.model.model import GPT
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def final_hidden_states(model: nn.Module, gpt: GPT, idx: torch.Tensor, document_ids: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """(B, T, n_embd) output of `gpt`'s final norm for `idx`, running the forward through `model`
+    (the GPT itself or its DDP wrapper, so gradients are synchronised)."""
+    captured: list[torch.Tensor] = []
+    handle = gpt.norm_f.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        model(idx, document_ids=document_ids)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def sft_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over the assistant tokens (targets of -1 carry no loss)."""
+    _, loss = model(x, y, document_ids=document_ids)
+    return loss
+
+
+def sequence_logps(model: nn.Module, gpt: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probabilities of each row's scored targets (y != -1): a reply's log-likelihood."""
+    logits = gpt.lm_head(final_hidden_states(model, gpt, x)).float()
+    scored = y != -1
+    picked = torch.gather(logits.log_softmax(-1), -1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * scored).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged
+    over pairs, with the implicit rewards beta * (pi - ref), their accuracy (chosen above rejected)
+    and margins, and the policy's chosen - rejected log-prob margin."""
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    metrics = {
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+        "chosen_reward": chosen_rewards.mean(),
+        "rejected_reward": rejected_rewards.mean(),
+        "logp_margin": (policy_chosen - policy_rejected).mean(),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+class Classifier(nn.Module):
+    """A pre-trained GPT plus a linear head on the hidden state of each row's last real token
+    (causal attention: padding after it cannot change it)."""
+
+    def __init__(self, gpt: GPT, num_labels: int):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = final_hidden_states(self.gpt, self.gpt, idx)
+        last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        return self.head(last).float()
