@@ -10,9 +10,10 @@ headings and paragraphs. Then:
   `instruction` / `input` / `output` format, so both readers are exercised.
 - `dpo.jsonl`: the same questions as preference pairs: `chosen` is the first sentence, `rejected`
   the same words in a shuffled order (fluent text against word salad).
-- `classify.jsonl`: up to four paragraphs per page (cut to 240 characters) labelled with the
-  page's language: the handbook folder's language, `en` for the Python and PostgreSQL pages; at
-  most 48 per language, so the majority class is a low bar.
+- `classify.jsonl`: paragraphs of at least 80 characters (cut to 240) of the English pages, each
+  labelled with its source (`handbook`, `python`, `postgresql`: the topic of the page) and its
+  `lang`; at most 100 per source, so the majority class is a low bar. (The handbook's translations
+  leave most paragraphs in English, so their language would be a noisy label.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SITE = HERE.parent / "sample_site"
-PER_LABEL = 48  # keeps English (most pages) from being most of the classification data
+PER_LABEL = 100  # no source dominates the classification data
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s")
 
 
@@ -76,16 +77,19 @@ def heading_title(heading: str) -> str:
 def main() -> None:
     rng = random.Random(0)
     pages = sorted(SITE.rglob("*.html"))
-    sft, dpo, classify = [], [], []
+    blocks_of = {}
     for page in pages:
         parser = HeadingsAndParagraphs()
         parser.feed(page.read_text(errors="replace"))
-        blocks = parser.blocks
+        blocks_of[page] = parser.blocks
+    sft, dpo, classify = [], [], []
+    for page, blocks in blocks_of.items():
         language = page_language(page)
-        paragraphs = [text for kind, text in blocks if kind == "paragraph" and len(text) >= 80]
-        for text in paragraphs[:4]:
-            if sum(r["label"] == language for r in classify) < PER_LABEL:
-                classify.append({"text": text[:240], "label": language})
+        source = page.relative_to(SITE).parts[0]
+        paragraphs = [t for kind, t in blocks if kind == "paragraph" and len(t) >= 80 and language == "en"]
+        for text in paragraphs:
+            if sum(r["label"] == source for r in classify) < PER_LABEL:
+                classify.append({"text": text[:240], "label": source, "lang": language})
         for (kind, heading), (next_kind, paragraph) in zip(blocks, blocks[1:]):
             title, answer = heading_title(heading), first_sentence(paragraph)
             if kind != "heading" or next_kind != "paragraph" or not title or not 30 <= len(answer) <= 200:

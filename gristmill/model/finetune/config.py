@@ -26,6 +26,9 @@ class FinetuneConfig(BaseModel):
     pack: bool = True  # sft: several examples per sequence, attention kept inside each example
     beta: float = Field(0.1, gt=0.0)  # dpo: strength of the pull towards the reference (DPO paper's beta)
     label_key: str = "label"  # classify: the record field (or Parquet column) holding the label
+    # classify: what the head sees; the mean over the text's tokens, since a small decoder's last
+    # token alone carries little of the text after a short pre-training ("last" is the GPT-1 way)
+    pooling: Literal["mean", "last"] = "mean"
 
     # optimisation (same names and meaning as pre-training)
     max_steps: int = Field(100, ge=1)

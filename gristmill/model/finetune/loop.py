@@ -91,7 +91,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
     elif config.method == "dpo":
         method = DPO(gpt, train_split, holdout_split, config.batch_size, device, config.beta)  # reference: input model
     else:
-        method = Classify(gpt, train_split, holdout_split, config.batch_size, device, labels)
+        method = Classify(gpt, train_split, holdout_split, config.batch_size, device, labels, config.pooling)
     optimizer = gpt.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                          device.type)
     if method.module is not gpt:

@@ -100,13 +100,13 @@ class DPO:
 
 
 class Classify:
-    """A linear head on the last token's hidden state, trained together with the whole model."""
+    """A linear head on the pooled hidden states, trained together with the whole model."""
 
     def __init__(self, gpt: GPT, train: Split, holdout: Split, batch_size: int, device: torch.device,
-                 labels: list[str]):
+                 labels: list[str], pooling: str):
         self.gpt, self.train, self.holdout = gpt, train, holdout
         self.batch_size, self.device, self.labels = batch_size, device, labels
-        self.module = Classifier(gpt, len(labels)).to(device)
+        self.module = Classifier(gpt, len(labels), pooling).to(device)
 
     def logits(self, model: nn.Module, split: Split, indices: np.ndarray) -> torch.Tensor:
         x, _, _ = batch_tensors(split.rows, split.lengths, indices, self.device)

@@ -1,5 +1,5 @@
 """Fine-tuning losses: masked next-token loss (sft), DPO against a frozen reference, and a
-classification head on the last token's hidden state.
+classification head on the pooled final hidden states.
 
 `GPT.forward` without targets computes logits for the last position only, so the full final
 hidden states are caught with a forward hook on the final norm: the model file stays as it is.
@@ -65,17 +65,22 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 
 
 class Classifier(nn.Module):
-    """A pre-trained GPT plus a linear head on the hidden state of each row's last real token
-    (causal attention: padding after it cannot change it)."""
+    """A pre-trained GPT plus a linear head on each row's pooled final hidden states: `mean` over
+    the text's tokens, or `last`, the last real token's state (causal attention: it has seen the
+    whole text, and padding after it cannot change it)."""
 
-    def __init__(self, gpt: GPT, num_labels: int):
+    def __init__(self, gpt: GPT, num_labels: int, pooling: str = "mean"):
         super().__init__()
-        self.gpt = gpt
+        self.gpt, self.pooling = gpt, pooling
         self.head = nn.Linear(gpt.config.n_embd, num_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         hidden = final_hidden_states(self.gpt, self.gpt, idx)
-        last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
-        return self.head(last).float()
+        if self.pooling == "last":
+            pooled = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        else:
+            real = (torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+            pooled = (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+        return self.head(pooled).float()

@@ -1,5 +1,5 @@
 """The `finetune` workflow stage: fine-tune the checkpoint of one upstream `train` (or `finetune`)
-stage on records from JSONL / Parquet files named by path, or from the kept parts of document
+stage, or a `.pt` checkpoint named by path, on records from JSONL / Parquet files named by path, or from the kept parts of document
 stages (for `classify`, e.g. `label_key: lang`).
 
     sft:
@@ -28,16 +28,18 @@ def finetune_stage(ctx: StageContext) -> StageResult:
     from gristmill.model.sample import CHECKPOINT_FILE  # torch loads only when a finetune stage runs
 
     models = [d for d in ctx.upstream_dirs() if (d / CHECKPOINT_FILE).is_file()]
+    models += [p for p in ctx.input_files() if p.suffix == ".pt"]
     if len(models) != 1:
         raise ValueError(
-            f"stage {ctx.name!r}: input must name exactly one train or finetune stage (a folder with "
-            f"{CHECKPOINT_FILE}), got {ctx.config.input}"
+            f"stage {ctx.name!r}: input must name exactly one model: a train or finetune stage (a folder with "
+            f"{CHECKPOINT_FILE}) or a .pt checkpoint, got {ctx.config.input}"
         )
     data = [p for p in ctx.input_files() if p.suffix == ".jsonl"] + ctx.input_parts()
     if not data:
         raise ValueError(f"stage {ctx.name!r}: no .jsonl or .parquet records among its inputs {ctx.config.input}")
     settings = FinetuneConfig.model_validate(ctx.config.model_dump(exclude={"type", "input"}))
     resume = (ctx.stage_dir / CHECKPOINT_FILE).is_file()
+    # a stage named by upstream `train`/`finetune` carries its checkpoint; any other upstream stage is data
     summary = finetune(settings, models[0], data, ctx.stage_dir, resume=resume)
     stats = {k: v for k, v in summary.items() if k not in ("steps", "checkpoint")}
     counts = {"steps": summary["steps"], "examples": summary["train_examples"], "removed": summary["removed"]}
