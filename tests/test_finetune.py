@@ -42,8 +42,9 @@ PAGES = sorted((DATA_DIR / "sample_site" / "handbook" / "en-US").glob("*.html"))
 QUICK = dict(progress=False, log_every=1, warmup_steps=2)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
+    """Tiny models are bound by per-op overhead; module scope so the base model trains this way too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -146,7 +147,8 @@ def test_classify_beats_the_majority_class_on_its_held_out_split(tmp_path, base)
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "classify"])
 def test_stopped_and_resumed_finetune_matches_an_uninterrupted_run_exactly(tmp_path, base, method):
-    data = BUNDLED / f"{method}.jsonl"
+    data = tmp_path / f"{method}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(method)[:80]))
     settings = FinetuneConfig(method=method, max_steps=6, batch_size=4, eval_every=3, checkpoint_every=3, **QUICK)
     finetune(settings, base, [data], tmp_path / "straight")
     finetune(settings.model_copy(update={"stop_at": 3}), base, [data], tmp_path / "resumed")
@@ -162,7 +164,7 @@ def test_stopped_and_resumed_finetune_matches_an_uninterrupted_run_exactly(tmp_p
 
 def test_bad_records_are_counted_and_kept_out(tmp_path, base):
     sft = tmp_path / "sft.jsonl"
-    good = records("sft")[:20]
+    good = [r for r in records("sft") if len(json.dumps(r)) < 250][:20]
     bad = [
         {"messages": [{"role": "user", "content": "Hello?"}]},
         {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
@@ -208,7 +210,7 @@ def test_settings_errors_name_the_key(base, tmp_path):
 def test_chat_template_in_tokenizer_config_reproduces_the_training_format(tmp_path, base):
     from transformers import PreTrainedTokenizerFast
 
-    run(tmp_path, base, "sft", BUNDLED / "sft.jsonl", max_steps=2)
+    run(tmp_path, base, "sft", BUNDLED / "sft.jsonl", max_steps=3)
     config = json.loads((tmp_path / "sft" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "sft" / "tokenizer.json"),
@@ -238,13 +240,14 @@ def test_workflow_sft_then_dpo_and_sample_chat_prints_a_reply(tmp_path, base):
     run_dir = run_workflow(workflow, runs_dir=tmp_path / "runs")
     sft_stats = json.loads((run_dir / "sft" / "stats.json").read_text())
     dpo_stats = json.loads((run_dir / "dpo" / "stats.json").read_text())
-    assert sft_stats["counts"]["steps"] == 20 and sft_stats["counts"]["removed"] == 0
+    removed = json.loads((run_dir / "sft" / "removed.json").read_text())["reasons"]
+    assert sft_stats["counts"]["steps"] == 20 and set(removed) == {"longer than the model's seq_len (128 tokens)"}
     assert sft_stats["val_loss"] > 0 and dpo_stats["counts"]["steps"] == 4 and "val_reward_accuracy" in dpo_stats
     assert load_checkpoint(run_dir / "dpo")["chat_template"] == CHAT_TEMPLATE
 
     result = CliRunner().invoke(app, ["sample", str(run_dir / "dpo"), "--chat", "--prompt",
                                       'What does the section "Quotas" say?', "--max-new-tokens", "30",
-                                      "--temperature", "0", "--device", "cpu"])
+                                      "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() and "<|user|>" not in result.output and "Quotas\" say?" not in result.output
 

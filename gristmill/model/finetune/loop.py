@@ -87,11 +87,11 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
     gpt.train()
     torch.manual_seed(config.seed)  # the classification head's initial weights
     if config.method == "sft":
-        method = SFT(gpt, train_split, holdout_split, config.batch_size, device)
+        method = SFT(gpt, train_split, holdout_split, device)
     elif config.method == "dpo":
-        method = DPO(gpt, train_split, holdout_split, config.batch_size, device, config.beta)  # reference: input model
+        method = DPO(gpt, train_split, holdout_split, device, config.beta)  # reference: input model
     else:
-        method = Classify(gpt, train_split, holdout_split, config.batch_size, device, labels, config.pooling)
+        method = Classify(gpt, train_split, holdout_split, device, labels, config.pooling)
     optimizer = gpt.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                          device.type)
     if method.module is not gpt:

@@ -25,7 +25,10 @@ def batch_tensors(rows: Rows, lengths: np.ndarray, indices: np.ndarray, device: 
     return x, y, docs
 
 
-def chunks(n: int, size: int):
+EVAL_ROWS = 32  # rows per forward when nothing is trained (evaluation, the DPO reference)
+
+
+def chunks(n: int, size: int = EVAL_ROWS):
     for start in range(0, n, size):
         yield np.arange(start, min(start + size, n))
 
@@ -33,9 +36,9 @@ def chunks(n: int, size: int):
 class SFT:
     """Next-token loss on assistant tokens, examples packed several to a row."""
 
-    def __init__(self, gpt: GPT, train: Split, holdout: Split, batch_size: int, device: torch.device):
+    def __init__(self, gpt: GPT, train: Split, holdout: Split, device: torch.device):
         self.module, self.gpt, self.train, self.holdout = gpt, gpt, train, holdout
-        self.batch_size, self.device = batch_size, device
+        self.device = device
 
     def loss(self, model: nn.Module, indices: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return sft_loss(model, *batch_tensors(self.train.rows, self.train.lengths, indices, self.device)), {}
@@ -46,7 +49,7 @@ class SFT:
         total, count = 0.0, 0
         was_training = model.training
         model.eval()
-        for indices in chunks(len(self.holdout.rows), self.batch_size):
+        for indices in chunks(len(self.holdout.rows)):
             x, y, docs = batch_tensors(self.holdout.rows, self.holdout.lengths, indices, self.device)
             scored = int((y != -1).sum())
             total += sft_loss(model, x, y, docs).item() * scored
@@ -59,9 +62,9 @@ class DPO:
     """DPO on (chosen, rejected) replies; the reference is the input model, frozen: its
     log-probabilities are computed once, before the first step."""
 
-    def __init__(self, gpt: GPT, train: Split, holdout: Split, batch_size: int, device: torch.device, beta: float):
+    def __init__(self, gpt: GPT, train: Split, holdout: Split, device: torch.device, beta: float):
         self.module, self.gpt, self.train, self.holdout = gpt, gpt, train, holdout
-        self.batch_size, self.device, self.beta = batch_size, device, beta
+        self.device, self.beta = device, beta
         self.reference = {name: self.split_logps(gpt, split) for name, split in (("train", train), ("holdout", holdout))}
 
     @torch.no_grad()
@@ -69,7 +72,7 @@ class DPO:
         was_training = model.training
         model.eval()
         chosen, rejected = [], []
-        for indices in chunks(len(split.rows), self.batch_size):
+        for indices in chunks(len(split.rows)):
             c, r = self.pair_logps(model, split, indices)
             chosen.append(c)
             rejected.append(r)
@@ -102,10 +105,10 @@ class DPO:
 class Classify:
     """A linear head on the pooled hidden states, trained together with the whole model."""
 
-    def __init__(self, gpt: GPT, train: Split, holdout: Split, batch_size: int, device: torch.device,
+    def __init__(self, gpt: GPT, train: Split, holdout: Split, device: torch.device,
                  labels: list[str], pooling: str):
         self.gpt, self.train, self.holdout = gpt, train, holdout
-        self.batch_size, self.device, self.labels = batch_size, device, labels
+        self.device, self.labels = device, labels
         self.module = Classifier(gpt, len(labels), pooling).to(device)
 
     def logits(self, model: nn.Module, split: Split, indices: np.ndarray) -> torch.Tensor:
@@ -125,7 +128,7 @@ class Classify:
             return {}
         was_training = model.training
         model.eval()
-        predicted = torch.cat([self.logits(model, self.holdout, i).argmax(-1).cpu() for i in chunks(n, self.batch_size)])
+        predicted = torch.cat([self.logits(model, self.holdout, i).argmax(-1).cpu() for i in chunks(n)])
         model.train(was_training)
         truth = torch.from_numpy(self.holdout.labels)
         confusion = torch.zeros(len(self.labels), len(self.labels), dtype=torch.long)
