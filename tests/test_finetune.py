@@ -37,6 +37,7 @@ from gristmill.model.sample import load_checkpoint, load_model
 from gristmill.pipeline.runner import run_workflow
 from tests.test_model_train import write_shards
 
+REPO = Path(__file__).resolve().parents[1]
 BUNDLED = DATA_DIR / "finetune"
 PAGES = sorted((DATA_DIR / "sample_site" / "handbook" / "en-US").glob("*.html"))
 QUICK = dict(progress=False, log_every=1, warmup_steps=2)
@@ -228,7 +229,7 @@ def test_chat_template_in_tokenizer_config_reproduces_the_training_format(tmp_pa
             assert hf.apply_chat_template(messages, tokenize=True, return_dict=False) == ids.tolist()
 
 
-def test_workflow_sft_then_dpo_and_sample_chat_prints_a_reply(tmp_path, base):
+def test_workflow_sft_then_dpo_sample_chat_and_the_dashboard_page(tmp_path, base, monkeypatch):
     workflow = tmp_path / "tiny.yaml"
     stages = {
         "sft": {"type": "finetune", "input": [str(base / "checkpoint.pt"), str(BUNDLED / "sft.jsonl")],
@@ -253,6 +254,21 @@ def test_workflow_sft_then_dpo_and_sample_chat_prints_a_reply(tmp_path, base):
 
     refused = CliRunner().invoke(app, ["sample", str(base), "--chat", "--prompt", "Hi", "--device", "cpu"])
     assert refused.exit_code != 0 and "no chat template" in refused.output
+
+    # the dashboard's fine-tuning page shows each stage's method metrics from the run folder
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("GRISTMILL_RUN", str(run_dir))
+    page = AppTest.from_file(str(REPO / "gristmill" / "dashboards" / "app.py"), default_timeout=60)
+    page.query_params["page"] = "finetune"
+    page.run()
+    assert not page.exception, [e.value for e in page.exception]
+    shown = {m.label: m.value for m in page.metric}
+    assert shown["method"] == "sft" and shown["records kept out"] == str(sum(removed.values()))
+    page.selectbox(key="finetune-stage").select("dpo").run()
+    shown = {m.label: m.value for m in page.metric}
+    last = json.loads((run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert shown["method"] == "dpo" and shown["held-out reward accuracy"] == f"{last['val_reward_accuracy']:.1%}"
 
 
 def test_finetune_command_trains_and_rejects_unknown_settings(tmp_path, base):

@@ -21,6 +21,7 @@ from gristmill.dashboards import (
     dedup_page,
     extract_page,
     filters_page,
+    finetune_page,
     overview,
     pii_page,
     tokenizers_page,
@@ -37,6 +38,7 @@ PAGES = {
     "pii": ("PII", pii_page.render),
     "tokenizers": ("Tokenizers", tokenizers_page.render),
     "training": ("Training", training_page.render),
+    "finetune": ("Fine-tuning", finetune_page.render),
 }
 
 

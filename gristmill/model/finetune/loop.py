@@ -117,7 +117,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
     rows_per_step = config.batch_size * config.grad_accum * world_size
     summary: dict[str, Any] = {"method": config.method, "train_examples": len(train_examples),
                                "holdout_examples": len(holdout_examples), "removed": removed.total,
-                               "train_rows": len(train_split.rows)}
+                               "train_rows": len(train_split.rows)} | ({"labels": labels} if labels else {})
     progress = make_progress(master and config.progress)
     task = progress.add_task(config.method, total=config.max_steps, completed=step, loss="")
     last_finite, saved_step = None, step or None
