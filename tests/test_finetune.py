@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ from gristmill.model.finetune.objectives import dpo_loss
 from gristmill.model.loop import train
 from gristmill.model.sample import load_checkpoint, load_model
 from gristmill.pipeline.runner import run_workflow
-from tests.test_model_train import write_shards
+from tests.test_model_train import free_loopback_port, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = DATA_DIR / "finetune"
@@ -161,6 +164,31 @@ def test_stopped_and_resumed_finetune_matches_an_uninterrupted_run_exactly(tmp_p
 
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     assert [s for s, *_ in losses(tmp_path / "straight")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_classify_on_two_ddp_processes_matches_one_process_with_the_same_global_batch(tmp_path, base):
+    """Each process takes its half of every global batch; a per-text mean loss averaged over two
+    processes is the mean over the whole batch, so the two runs agree step for step."""
+    data = tmp_path / "classify.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records("classify")[::3]))
+    common = ["--method", "classify", "--max-steps", "4", "--set", "warmup_steps=1", "--set", "log_every=1",
+              "--set", "progress=false", "--set", "device=cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+    two = subprocess.run([*torchrun, "-m", "gristmill.model.finetune.cli", str(base), str(data), "--out",
+                          str(tmp_path / "ddp"), "--set", "batch_size=4", *common],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+    finetune(FinetuneConfig(method="classify", max_steps=4, warmup_steps=1, log_every=1, progress=False, batch_size=8),
+             base, [data], tmp_path / "single")
+
+    def losses(out):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert [s for s, _ in ddp] == [s for s, _ in single] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in ddp], [v for _, v in single], rtol=1e-4)
 
 
 def test_bad_records_are_counted_and_kept_out(tmp_path, base):

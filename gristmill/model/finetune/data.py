@@ -224,7 +224,8 @@ class Split:
 
     rows: Rows
     lengths: np.ndarray  # tokens of each row's content (one example a row), or of each packed row
-    chosen_rows: Rows | None = None  # dpo: `rows` holds the rejected replies
+    examples: np.ndarray  # examples in each row (several when packed)
+    chosen_rows: Rows | None = None  # dpo: `rows` holds the rejected replies; one pair a row
     labels: np.ndarray | None = None
 
 
@@ -280,12 +281,14 @@ def make_split(method: str, examples: list, seq_len: int, pad_id: int, packed: b
     training) go to `removed`."""
     if method == "sft":
         rows = pack(examples, seq_len, pad_id, packed)
-        lengths = (rows.document_ids != -1).sum(1) if packed else np.array([len(x) for x, _ in examples], dtype=np.int64)
-        return Split(rows, lengths)
+        if packed:
+            return Split(rows, (rows.document_ids != -1).sum(1), rows.document_ids.max(1) + 1)
+        return Split(rows, np.array([len(x) for x, _ in examples], dtype=np.int64), np.ones(len(rows), dtype=np.int64))
     if method == "dpo":
         chosen, chosen_lengths = padded([c for c, _ in examples], seq_len, pad_id)
         rejected, rejected_lengths = padded([r for _, r in examples], seq_len, pad_id)
-        return Split(rejected, np.maximum(chosen_lengths, rejected_lengths), chosen_rows=chosen)
+        lengths = np.maximum(chosen_lengths, rejected_lengths)
+        return Split(rejected, lengths, np.ones(len(rejected), dtype=np.int64), chosen_rows=chosen)
     index = {label: i for i, label in enumerate(labels)}
     known = []
     for ids, label in examples:
@@ -294,4 +297,4 @@ def make_split(method: str, examples: list, seq_len: int, pad_id: int, packed: b
         elif removed is not None:
             removed.add(f"label {label!r} not among the training labels", "held-out split")
     rows, lengths = padded([(ids, np.full_like(ids, -1)) for ids, _ in known], seq_len, pad_id)
-    return Split(rows, lengths, labels=np.array([i for _, i in known], dtype=np.int64))
+    return Split(rows, lengths, np.ones(len(rows), dtype=np.int64), labels=np.array([i for _, i in known], dtype=np.int64))

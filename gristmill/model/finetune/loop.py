@@ -121,7 +121,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
     progress = make_progress(master and config.progress)
     task = progress.add_task(config.method, total=config.max_steps, completed=step, loss="")
     last_finite, saved_step = None, step or None
-    run_time, run_steps = 0.0, 0
+    run_time, run_examples = 0.0, 0
     with progress:
         while step < last_step:
             step += 1
@@ -131,9 +131,11 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             metric_sums: dict[str, torch.Tensor] = {}
+            examples = 0  # this process's examples (sequences, pairs or texts) in this step
             for micro_step in range(config.grad_accum):
                 first = (micro_step * world_size + rank) * config.batch_size
                 indices = row_indices(len(train_split.rows), step, rows_per_step, first, config.batch_size, config.seed)
+                examples += int(train_split.examples[indices].sum())
                 if ddp:
                     model.require_backward_grad_sync = micro_step == config.grad_accum - 1
                 with autocast:
@@ -150,7 +152,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
-            run_time, run_steps = run_time + elapsed, run_steps + 1
+            run_time, run_examples = run_time + elapsed, run_examples + examples * world_size
 
             is_last = step == last_step
             evaluation = method.evaluate(model) if step % config.eval_every == 0 or is_last else {}
@@ -159,7 +161,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
                     dist.all_reduce(loss_sum)
                     loss_sum /= world_size
                 record = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                          "samples_per_sec": rows_per_step / elapsed, "memory_mb": memory_mb(device)}
+                          "examples_per_sec": examples * world_size / elapsed, "memory_mb": memory_mb(device)}
                 record |= {key: value.item() for key, value in metric_sums.items()} | evaluation
                 summary |= {"final_loss": record["loss"]} | evaluation
                 if master:
@@ -176,7 +178,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-    summary.update(steps=step, samples_per_sec=rows_per_step * run_steps / run_time if run_time else None,
+    summary.update(steps=step, examples_per_sec=run_examples / run_time if run_time else None,
                    checkpoint=str(checkpoint_file))
     return summary
 
