@@ -178,7 +178,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-    summary.update(steps=step, examples_per_sec=run_examples / run_time if run_time else None,
+    summary.update(steps=step, examples_seen=run_examples, examples_per_sec=run_examples / run_time if run_time else None,
                    checkpoint=str(checkpoint_file))
     return summary
 
