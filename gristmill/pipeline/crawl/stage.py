@@ -239,8 +239,8 @@ class Crawler:
 
     def _outlinks(self, body: bytes, entry: FrontierEntry, content_type: str | None
                   ) -> tuple[PageLinks, list[tuple[str, int, int]], int]:
-        """The page's links and meta robots, the in-scope links to queue, and how many followable
-        links past `max_links_per_page` that it would have followed. Pure: safe to run on a worker thread."""
+        """The page's links and meta robots, the in-scope links to queue, and how many more links it
+        would have followed but for `max_links_per_page`. Pure: safe to run on a worker thread."""
         config = self.config
         cap = config.max_links_per_page
         page = read_links(body, entry.url, content_type, self.robots_names, max_links=cap)
