@@ -8,6 +8,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -16,7 +17,16 @@ from warcio.warcwriter import WARCWriter
 
 from gristmill import DATA_DIR
 from gristmill.pipeline import io
-from gristmill.pipeline.extract.stage import ExtractConfig, decode_html, extract_archive, read_record_html
+from gristmill.pipeline.extract.stage import (
+    ExtractConfig,
+    decode_html,
+    extract_archive,
+    html_to_text,
+    read_record_html,
+)
+from gristmill.pipeline.extract.text import normalize_text
+from gristmill.pipeline.filter.stage import FilterConfig, filter_documents
+from gristmill.pipeline.languages import language_code
 from gristmill.pipeline.runner import run_workflow
 
 SITE = DATA_DIR / "sample_site"
@@ -354,7 +364,7 @@ def test_bundled_language_model_scores_exactly_as_py3langid(site_output):
     assert len(guesses) == len(texts)
     for text, (lang, score) in zip(texts, guesses):
         expected_lang, expected_score = reference.classify(text)
-        assert lang == expected_lang and score == pytest.approx(expected_score, abs=1e-5), text[:40]
+        assert lang == language_code(expected_lang) and score == pytest.approx(expected_score, abs=1e-5), text[:40]
 
 
 def test_language_guess_of_a_text_does_not_depend_on_the_batch(site_output, monkeypatch):
@@ -399,3 +409,71 @@ def test_reads_what_the_crawl_stage_wrote(tmp_path):
         assert read_record_html(row["warc_file"], row["warc_offset"]) == (SITE / "python" / "tutorial" / name).read_text()
     stats = json.loads((run_dir / "extract" / io.STATS_FILE).read_text())
     assert stats["records_by_type"]["request"] == stats["records_by_type"]["response"] == len(kept)
+
+
+def test_bundled_language_model_labels_are_iso_639_1_where_one_exists_else_639_3():
+    import pycountry
+
+    from gristmill.pipeline.extract.langid import language_identifier
+
+    labels = set(language_identifier(None).__self__.labels)
+    assert len(labels) == 140 and {"yue", "wuu", "ary", "arz", "ki", "en", "zxx"} <= labels and "kik" not in labels
+    for label in labels - {"zxx"}:  # zxx: no linguistic content
+        language = pycountry.languages.get(alpha_2=label) if len(label) == 2 else pycountry.languages.get(alpha_3=label)
+        assert language is not None, label
+        assert len(label) == 2 or not hasattr(language, "alpha_2"), f"{label} has a two-letter code"
+
+
+def test_normalize_text_drops_layout_debris_and_keeps_paragraphs():
+    raw = "Title\t\n\t\n \n\n\nFirst paragraph.\nSecond line.\n\n-\nitem one\n- \nitem two\n*\n\n\n    indented code\n\t\n"
+    assert normalize_text(raw) == (
+        "Title\n\nFirst paragraph.\nSecond line.\n\n- item one\n- item two\n\n    indented code")
+
+
+def test_trafilatura_and_resiliparse_keep_about_the_same_bundled_pages():
+    """Both extractors' text through the default filters: trafilatura's layout debris (tab-only
+    lines, bare `- ` lines) no longer makes good pages look repetitive."""
+    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+    paths = sorted(SITE.rglob("*.html"))[::2]
+    kept: dict[str, set[str]] = {}
+    for extractor in ("resiliparse", "trafilatura"):
+        texts = []
+        for path in paths:
+            data = path.read_bytes()
+            texts.append(html_to_text(bytes_to_str(data, detect_encoding(data)), extractor)[0])
+        assert not any(line.strip() in ("", "-", "*") for text in texts for line in text.split("\n\n") if text)
+        table = pa.table({
+            "id": [p.relative_to(SITE).as_posix() for p in paths], "url": [f"https://docs.example/{i}" for i in range(len(paths))],
+            "text": texts, "lang": ["en"] * len(paths), "lang_score": pa.array([None] * len(paths), type=pa.float64()),
+        })
+        output = filter_documents(table, FilterConfig(type="filter", language={"enabled": False}))
+        reasons = output.removed.column("reason").to_pylist()
+        assert not [r for r in reasons if r.startswith("gopher_repetition:dup_line")], extractor
+        kept[extractor] = set(output.kept.column("id").to_pylist())
+    both, either = kept["resiliparse"] & kept["trafilatura"], kept["resiliparse"] | kept["trafilatura"]
+    assert len(kept["trafilatura"]) >= 30
+    assert len(both) >= 0.8 * len(either), (len(both), len(either))
+
+
+def test_html_to_text_on_a_worker_thread_leaves_no_resiliparse_tree_behind():
+    """A resiliparse tree freed on another thread than its own raises ("unsendable"); the trees
+    html_to_text builds must all be gone when it returns, cycles or not."""
+    import gc
+    import sys
+    import threading
+
+    pages = [path.read_text(errors="replace") for path in sorted(SITE.rglob("*.html"))[:20]]
+    unraisable = []
+    gc.disable()
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        worker = threading.Thread(target=lambda: [html_to_text(p, e) for p in pages for e in ("trafilatura", "resiliparse")])
+        worker.start()
+        worker.join()
+        assert [o for o in gc.get_objects() if type(o).__name__ == "HTMLTree"] == []
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+        gc.enable()
+    assert unraisable == []

@@ -32,6 +32,7 @@ from resiliparse.parse.html import HTMLTree
 from gristmill.pipeline import io
 from gristmill.pipeline.extract import langid
 from gristmill.pipeline.extract.archive import ArchiveRecord, is_archive_file, iter_records, read_record
+from gristmill.pipeline.extract.text import normalize_text
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, source_stage
 
 # The document columns, then the title and the pointer back to the source record.
@@ -163,16 +164,24 @@ def decode_content_encoding(payload: bytes, content_encoding: str | None) -> byt
 
 def html_to_text(html: str, extractor: str, main_content: bool = True) -> tuple[str, str | None]:
     """(text, title) of an HTML page. `main_content` drops navigation and boilerplate (resiliparse;
-    trafilatura always does). The title comes from the parsed `<title>` either way."""
+    trafilatura always does). The title comes from the parsed `<title>` either way. The text of
+    both extractors is normalised the same way (see `extract.text`).
+
+    The resiliparse tree is dropped before trafilatura runs and never left in a traceback: a
+    resiliparse tree must be freed on the thread that built it, and a tree kept alive by a frame
+    in a reference cycle is freed by whichever thread runs the garbage collector."""
     tree = HTMLTree.parse(html)
-    title = (tree.title or "").strip() or None
+    try:
+        title = (tree.title or "").strip() or None
+        if extractor != "trafilatura":
+            text = extract_plain_text(tree, preserve_formatting=True, main_content=main_content, alt_texts=False)
+    finally:
+        del tree
     if extractor == "trafilatura":
         import trafilatura
 
         text = trafilatura.extract(html, favor_precision=True, include_comments=False, deduplicate=False) or ""
-    else:
-        text = extract_plain_text(tree, preserve_formatting=True, main_content=main_content, alt_texts=False)
-    return text.strip(), title
+    return normalize_text(text), title
 
 
 def read_record_html(warc_file: str | Path, offset: int) -> str:
