@@ -48,6 +48,17 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that killed writers left anywhere under `folder`; call it only
+    while no one else writes there (the run lock). Returns how many were removed."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp-*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write `table` as zstd Parquet at `path`, visible only once complete."""
     path = Path(path)

@@ -421,6 +421,7 @@ def run_workflow(
     if force:
         forced = set(order)
     with run_lock(run_dir, force_unlock), dask_client(workflow, scheduler, console) as client:
+        io.remove_temporaries(run_dir)  # left by a killed run; nothing else writes here while locked
         io.write_bytes_atomic(
             yaml.safe_dump(workflow.raw, sort_keys=False, allow_unicode=True).encode(), run_dir / "workflow.yaml"
         )
