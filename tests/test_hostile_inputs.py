@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
@@ -245,6 +246,17 @@ def test_resume_redoes_a_finished_part_that_was_damaged_before_the_stage_ended(t
     run_workflow(workflow, runs_dir=tmp_path / "runs", console=QUIET)
     assert json.loads((run_dir / "copy" / "stats.json").read_text())["resumed"] is True
     assert part.read_bytes() == original
+
+
+def test_a_torn_parquet_input_fails_naming_the_file(tmp_path, records):
+    torn = tmp_path / "data" / "torn.parquet"
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "whole.parquet")
+    torn.write_bytes((tmp_path / "whole.parquet").read_bytes()[:-20])
+    workflow = write_workflow(tmp_path / "torn.yaml", {"copy": {"type": "slow_copy", "input": str(torn)}},
+                              dask={"scheduler": "synchronous"})
+    with pytest.raises(StageError, match=rf"stage 'copy': cannot read part {torn}: "):
+        run_workflow(workflow, runs_dir=tmp_path / "runs", console=QUIET)
 
 
 def test_temporaries_of_a_killed_run_are_removed_by_the_next_one(tmp_path, records):

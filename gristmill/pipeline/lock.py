@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 import psutil
 
 LOCK_FILE = "_LOCK"
+_ATTEMPTS, _RETRY_S = 10, 0.1
 
 
 class RunLocked(RuntimeError):
@@ -80,8 +82,10 @@ class RunLock:
         """Take the lock or raise RunLocked naming the holder. With `force_unlock`, a lock held for a
         dead holder is broken: its file is replaced, so the old lock no longer guards anything."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self._try_lock():
-            return
+        for _ in range(_ATTEMPTS):  # `gristmill status` may hold a shared lock for a moment
+            if self._try_lock():
+                return
+            time.sleep(_RETRY_S)
         holder = read_holder(self.run_dir)
         who = holder.describe() if holder else "an unknown process"
         if not force_unlock:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from rich.console import Console
@@ -93,7 +94,10 @@ def process_document_part(
     if done is not None:
         return done
     started = time.perf_counter()
-    table = io.without_pii_originals(pq.read_table(in_path))  # they stay in the pii stage's folder
+    try:
+        table = io.without_pii_originals(pq.read_table(in_path))  # they stay in the pii stage's folder
+    except pa.ArrowException as error:
+        raise StageError(f"stage {stage_name!r}: cannot read part {in_path}: {error}") from None
     output = fn(table, config)
     if output.kept.num_rows + output.removed.num_rows != table.num_rows:
         raise ConservationError(
