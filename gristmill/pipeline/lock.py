@@ -139,7 +139,7 @@ def current_holder(run_dir: str | os.PathLike) -> Holder | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return read_holder(run_dir) or Holder("unknown", 0, 0.0, "unknown")
+        return read_holder(run_dir)  # None only in the instant before a new holder writes its name
     finally:
         os.close(fd)
     return None
