@@ -30,6 +30,7 @@ from gristmill.pipeline.lock import RunLock, current_holder
 from gristmill.pipeline.runner import StageError, run_workflow
 from gristmill.pipeline.status import run_status
 from gristmill.pipeline.workflow import WorkflowError, load_workflow
+from tests.test_dashboard import messages, render
 from tests.test_model_train import TINY, write_shards
 from tests.test_runner import GRISTMILL, REPO, subprocess_env, write_workflow
 
@@ -217,6 +218,16 @@ def test_a_truncated_part_makes_the_stage_stale_and_run_redoes_it(tmp_path, reco
     assert part.read_bytes() == original
     assert [s.state for s in run_status(run_dir)] == ["done", "done"]
     assert pq.read_table(run_dir / "copy" / "kept" / "part-00000.parquet").num_rows == 120
+
+
+def test_dashboard_overview_says_a_changed_stage_is_stale(tmp_path, records, monkeypatch):
+    run_dir = run_workflow(copy_workflow(tmp_path, records), runs_dir=tmp_path / "runs", console=QUIET)
+    part = run_dir / "pages" / "removed" / "part-00000.parquet"
+    part.unlink()
+    at = render(run_dir, "overview", monkeypatch)
+    assert "Stage `pages`'s output changed since it finished" in messages(at)
+    assert f"{part}: missing" in messages(at)
+    assert at.dataframe[0].value.set_index("stage").loc["pages", "state"] == "stale"
 
 
 def test_a_part_with_rows_removed_is_not_read_silently(tmp_path, records):
