@@ -36,7 +36,7 @@ from gristmill.model.config import TrainConfig
 from gristmill.model.data import ShardsInfo, TrainLoader, read_shards_info, val_batches
 from gristmill.model.model import GPT
 from gristmill.model.sample import CHECKPOINT_FILE, load_checkpoint, sample_text
-from gristmill.pipeline.io import write_bytes_atomic
+from gristmill.pipeline.io import remove_temporaries, write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -161,6 +161,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
             if device.type == "cuda" and rng["cuda"]:
                 torch.cuda.set_rng_state(rng["cuda"][rank].cpu(), device)
     if master:
+        remove_temporaries(out_dir)  # e.g. a checkpoint half-written when a previous run was killed
         keep_records(out_dir / METRICS_FILE, step)
         keep_records(out_dir / SAMPLES_FILE, step)
     raw_model = model
@@ -243,8 +244,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                 stop_if_not_finite(step, weights, ddp, last_finite, checkpoint_file, saved_step)
                 saved_step = step
                 rng_states = gather_rng_states(device, ddp, world_size)
-                if master:
-                    save_checkpoint(checkpoint_file, raw_model, optimizer, step, rng_states, config, info)
+                if master:  # sample, then checkpoint: a kill between them redoes both on resume
                     if info.tokenizer is not None and info.tokenizer.is_file():
                         text = sample_text(
                             raw_model,
@@ -255,6 +255,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                             seed=config.seed,
                         )
                         append_record(out_dir / SAMPLES_FILE, {"step": step, "prompt": config.sample_prompt, "text": text})
+                    save_checkpoint(checkpoint_file, raw_model, optimizer, step, rng_states, config, info)
             progress.update(task, completed=step)
     if ddp:
         dist.barrier()
@@ -320,11 +321,25 @@ def save_checkpoint(path: Path, model: GPT, optimizer, step: int, rng_states, co
 
 def keep_records(path: Path, up_to_step: int) -> None:
     """Drop JSON-lines records after `up_to_step` (all of them for a fresh run), so a resumed run
-    does not log a step twice."""
+    does not log a step twice. A torn last line (a kill mid-write) is dropped; a damaged line
+    elsewhere is an error naming the file and line."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
-    write_bytes_atomic("".join(line + "\n" for line in lines).encode(), path)
+    lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a record with a 'step' ({error}); fix or remove it") from None
+        if step <= up_to_step:
+            kept.append(line)
+    write_bytes_atomic("".join(line + "\n" for line in kept).encode(), path)
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that killed writers left anywhere under `folder`; call it only
+    while no one else writes there (the run lock). Returns how many were removed."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp-*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write `table` as zstd Parquet at `path`, visible only once complete."""
     path = Path(path)
@@ -75,6 +87,15 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def remove_tree_inside(path: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Delete the folder `path`, refusing (ValueError) unless it lies strictly inside `root`: the
+    runner only ever deletes inside a run folder, whatever a workflow calls its stages."""
+    target, base = Path(path).resolve(), Path(root).resolve()
+    if base not in target.parents:
+        raise ValueError(f"refusing to delete {path}: it resolves to {target}, outside the run folder {base}")
+    shutil.rmtree(target)
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
@@ -147,6 +168,25 @@ def with_reason(table: pa.Table, reason: str | list[str]) -> pa.Table:
     if "reason" in table.column_names:
         return table.set_column(table.schema.get_field_index("reason"), "reason", column)
     return table.append_column("reason", column)
+
+
+def without_pii_originals(table: pa.Table) -> pa.Table:
+    """`table` with `pii_spans[].original` (the strings the pii stage replaced) set to null, type
+    unchanged: those strings stay in the pii stage's own folder unless an export asks for them."""
+    if "pii_spans" not in table.column_names:
+        return table
+    spans = table.column("pii_spans").combine_chunks()
+    entries = spans.values
+    if "original" not in [field.name for field in entries.type]:
+        return table
+    fields = list(entries.type)
+    children = [
+        pa.nulls(len(entries), field.type) if field.name == "original" else entries.field(field.name)
+        for field in fields
+    ]
+    scrubbed = pa.StructArray.from_arrays(children, fields=fields, mask=entries.is_null())
+    column = pa.ListArray.from_arrays(spans.offsets, scrubbed, mask=spans.is_null())
+    return table.set_column(table.schema.get_field_index("pii_spans"), "pii_spans", column)
 
 
 def empty_documents(extra: pa.Schema | None = None) -> pa.Table:

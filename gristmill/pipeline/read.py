@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -153,12 +154,18 @@ def read_files(unit: list[tuple[str, str]], config: ReadConfig) -> PartitionOutp
     reasons: list[str] = []
     for path, source in unit:
         kind = file_format(Path(path), config.format)
-        if kind == "jsonl":
-            _read_jsonl(path, source, config, kept, removed, reasons)
-        elif kind == "parquet":
-            _read_parquet(path, source, config, kept, removed, reasons)
-        else:
-            _read_text(path, source, kept, removed, reasons)
+        try:
+            if kind == "jsonl":
+                _read_jsonl(path, source, config, kept, removed, reasons)
+            elif kind == "parquet":
+                _read_parquet(path, source, config, kept, removed, reasons)
+            else:
+                _read_text(path, source, kept, removed, reasons)
+        except (OSError, EOFError, zlib.error, pa.ArrowException) as error:
+            # A corrupt file (truncated gzip, not gzip, torn Parquet) is one removed row naming it;
+            # records read before the damage stay, and the other files go on.
+            removed.append(_document(io.document_id(source, "unreadable"), None, source))
+            reasons.append(f"read:unreadable_file ({path}: {type(error).__name__}: {error})")
     removed_table = io.with_reason(_rows_to_table(removed), reasons)
     return PartitionOutput(
         kept=_rows_to_table(kept),

@@ -28,6 +28,11 @@ from gristmill.pipeline.registry import load_builtin_stages
 from gristmill.pipeline.stage import StageConfig
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Names become folders (`runs/<workflow>/<stage>/`) that the runner deletes and rewrites, so they
+# must be plain names: no separators, no `..`, nothing absolute. Stage names have no dots, so none
+# can collide with a run-folder file such as `workflow.yaml`.
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+WORKFLOW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 class WorkflowError(ValueError):
@@ -132,7 +137,13 @@ def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
         raise WorkflowError(f"--set {override!r}: expected STAGE.KEY=VALUE")
     dotted, text = override.split("=", 1)
     keys = dotted.strip().split(".")
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise WorkflowError(
+            f"--set {override!r}: the value {text!r} is not valid YAML ({problem}); quote it to pass a string"
+        ) from None
     if keys[0] in ("name",) and len(keys) == 1:
         raw["name"] = value
         return
@@ -194,9 +205,23 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
         lines = [f"{path}: key 'dask.{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in error.errors()]
         raise WorkflowError("\n".join(lines)) from None
 
+    workflow_name = str(raw.get("name") or path.stem)
+    if not WORKFLOW_NAME.fullmatch(workflow_name):
+        where = "key 'name'" if raw.get("name") else "the name taken from the file name (set `name:`)"
+        raise WorkflowError(
+            f"{path}: {where}: {workflow_name!r} is not a plain name; use letters, digits, '_', '-' and '.' "
+            f"(not first), at most 100 characters"
+        )
+
     stages: dict[str, StageConfig] = {}
     errors: list[str] = []
     for name, settings in stages_raw.items():
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+            errors.append(
+                f"{path}: stage {name!r}: a stage name is a plain name of letters, digits, '_' and '-' "
+                f"(it becomes a folder of the run), at most 100 characters"
+            )
+            continue
         if not isinstance(settings, dict):
             errors.append(f"{path}: stage {name!r}: settings must be a mapping")
             continue
@@ -227,7 +252,7 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
     if errors:
         raise WorkflowError("\n".join(errors))
     workflow = Workflow(
-        name=str(raw.get("name") or path.stem), path=path, stages=stages, dask=dask, raw=raw
+        name=workflow_name, path=path, stages=stages, dask=dask, raw=raw
     )
     workflow.order()  # raises on cycles
     return workflow
