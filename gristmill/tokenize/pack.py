@@ -76,14 +76,14 @@ def _tiktoken_encoder(tokenizer: Tokenizer, threads: int) -> Encode:
 
 
 def load_encoder(tokenizer_file: str, engine: str, threads: int = 1) -> Encode:
-    """`texts -> [uint32 ids]` with the chosen engine; cached per process (Dask workers reuse it)
-    until the file changes."""
-    return _cached_encoder(tokenizer_file, Path(tokenizer_file).stat().st_mtime_ns, engine, threads)
+    """`texts -> [uint32 ids]` with the chosen engine; cached per process by the tokenizer's content,
+    so a Dask worker builds it (and its tiktoken export) once for every unit and every pack run."""
+    return _cached_encoder(Path(tokenizer_file).read_text(encoding="utf-8"), engine, threads)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_encoder(tokenizer_file: str, mtime_ns: int, engine: str, threads: int) -> Encode:
-    tokenizer = load_tokenizer(tokenizer_file)
+def _cached_encoder(tokenizer_json: str, engine: str, threads: int) -> Encode:
+    tokenizer = Tokenizer.from_str(tokenizer_json)
     if engine == "tiktoken":
         return _tiktoken_encoder(tokenizer, threads)
     if engine == "tokenizers":

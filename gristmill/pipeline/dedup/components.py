@@ -63,7 +63,8 @@ def _labels_path(folder: Path, round_: int, partition: int) -> Path:
     return folder / "labels" / f"r-{round_:04d}" / f"p-{partition:05d}.parquet"
 
 
-def _read(files: list[Path], columns: list[str]) -> list[np.ndarray]:
+def read_columns(files: list[Path], columns: list[str]) -> list[np.ndarray]:
+    """`columns` of the Parquet `files` together, as numpy arrays (empty int64 when no files)."""
     if not files:
         return [np.zeros(0, np.int64) for _ in columns]
     table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
@@ -72,7 +73,7 @@ def _read(files: list[Path], columns: list[str]) -> list[np.ndarray]:
 
 def _start(folder: Path, partition: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Round 0: de-duplicate the partition's edges into its adjacency; every node its own label."""
-    src, dst = _read(io.list_parts(_partition_dir(folder, "edges", partition)), ["src", "dst"])
+    src, dst = read_columns(io.list_parts(_partition_dir(folder, "edges", partition)), ["src", "dst"])
     if len(src):
         pairs = np.unique(np.stack([src, dst], axis=1), axis=0)
         src, dst = pairs[:, 0], pairs[:, 1]
@@ -91,11 +92,11 @@ def propagate(item: tuple[int, int], folder: str, partitions: int) -> dict[str, 
         previous = pq.read_table(_labels_path(root, round_ - 1, partition))
         nodes, old = previous.column("node").to_numpy(), previous.column("label").to_numpy()
         inbox = root / "messages" / f"r-{round_ - 1:04d}" / f"to-{partition:05d}"
-        to, label = _read(io.list_parts(inbox), ["node", "label"])
+        to, label = read_columns(io.list_parts(inbox), ["node", "label"])
         labels = old.copy()
         np.minimum.at(labels, np.searchsorted(nodes, to), label)
         changed = labels < old
-        src, dst = _read([root / "adjacency" / f"p-{partition:05d}.parquet"], ["src", "dst"])
+        src, dst = read_columns([root / "adjacency" / f"p-{partition:05d}.parquet"], ["src", "dst"])
     io.write_parquet_atomic(pa.table({"node": nodes, "label": labels}), _labels_path(root, round_, partition))
     # Send along the edges of nodes whose label dropped; a label no smaller than the neighbour's
     # own id cannot lower the neighbour's label, so it is not sent.

@@ -41,7 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gristmill.pipeline import io
 from gristmill.pipeline.dedup import minhash as mh
-from gristmill.pipeline.dedup.components import label_components, partition_of, scatter, write_edges
+from gristmill.pipeline.dedup.components import (
+    label_components,
+    partition_of,
+    read_columns,
+    scatter,
+    write_edges,
+)
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
 EXACT_BAND = -1
@@ -268,7 +274,7 @@ def group_bucket(bucket: int, plan: Plan) -> dict[str, int]:
 def verify_partition(partition: int, plan: Plan) -> dict[str, int]:
     """De-duplicate one partition's candidate edges (all copies of an edge share the partition of
     its first end), check those found by bands, and add what holds to the graph (`work/graph/`)."""
-    u, v, kind = _read_columns(io.list_parts(plan.work / "candidates" / f"p-{partition:05d}"), ["u", "v", "kind"])
+    u, v, kind = read_columns(io.list_parts(plan.work / "candidates" / f"p-{partition:05d}"), ["u", "v", "kind"])
     exact = _unique_pairs(u[kind == EDGE_EXACT], v[kind == EDGE_EXACT])
     band = _unique_pairs(u[kind == EDGE_BAND], v[kind == EDGE_BAND])
     seen = _unique_pairs(u[kind == EDGE_SEEN], v[kind == EDGE_SEEN])
@@ -278,13 +284,6 @@ def verify_partition(partition: int, plan: Plan) -> dict[str, int]:
     edges = np.concatenate([exact, accepted, seen])
     write_edges(plan.work / "graph", f"from-{partition:05d}", edges[:, 0], edges[:, 1], plan.buckets)
     return {"exact": len(exact), "candidates": len(band), "verified": len(accepted)}
-
-
-def _read_columns(files: list[Path], columns: list[str]) -> list[np.ndarray]:
-    if not files:
-        return [np.zeros(0, np.int64) for _ in columns]
-    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
-    return [table.column(c).to_numpy() for c in columns]
 
 
 def _similar(u: np.ndarray, v: np.ndarray, plan: Plan) -> np.ndarray:
@@ -340,9 +339,10 @@ def scatter_members(partition: int, plan: Plan, labels_dir: str) -> None:
             lambda p: plan.work / "members" / f"part-{p:05d}" / f"from-{partition:05d}.parquet")
     if batch.all():
         return
-    known, ids = _read_columns(io.list_parts(plan.work / "earlier" / f"p-{partition:05d}"), ["node", "id"])
-    order = np.lexsort((ids.astype(str), known))  # per node its smallest id (ids of one node are equal
-    known, ids = known[order], ids[order]          # unless two earlier ids share a hash)
+    known, ids = read_columns(io.list_parts(plan.work / "earlier" / f"p-{partition:05d}"), ["node", "id"])
+    # Per node its smallest id: the ids of one node are equal unless two earlier ids share a hash.
+    order = np.lexsort((ids.astype(str), known))
+    known, ids = known[order], ids[order]
     first = np.searchsorted(known, node[~batch])
     earlier = pa.table({"label": label[~batch], "key": node[~batch], "id": pa.array(ids[first].tolist(), pa.string()),
                         "length": np.zeros(len(first), np.int64), "exact": np.zeros(len(first), np.uint64),
@@ -354,7 +354,7 @@ def scatter_members(partition: int, plan: Plan, labels_dir: str) -> None:
 def gather_facts(part: int, plan: Plan) -> None:
     """Join one input part's clustered documents with their facts (id, length, exact and URL
     hash) and send them to their cluster's partition (`work/clusters/`)."""
-    key, label = _read_columns(io.list_parts(plan.work / "members" / f"part-{part:05d}"), ["key", "label"])
+    key, label = read_columns(io.list_parts(plan.work / "members" / f"part-{part:05d}"), ["key", "label"])
     if len(key) == 0:
         return
     docs = pq.read_table(plan.work / "docs" / io.part_name(part)).take(pa.array(_row_of(key)))
