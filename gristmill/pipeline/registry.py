@@ -14,6 +14,7 @@ BUILTIN_STAGE_MODULES = (
     "gristmill.pipeline.filter.stage",
     "gristmill.pipeline.dedup.stage",
     "gristmill.pipeline.pii.stage",
+    "gristmill.pipeline.classify.stage",
     "gristmill.model.stage",
     "gristmill.tokenize.stages",
 )

@@ -64,7 +64,7 @@ class Workflow(BaseModel):
 
     def dependencies(self, stage: str) -> list[str]:
         """Upstream stage names of `stage`, in `input` order."""
-        return [name for name in self.stages[stage].input if name in self.stages]
+        return [name for name in self.stages[stage].references() if name in self.stages]
 
     def order(self) -> list[str]:
         """Stages in dependency order (file order among independent stages)."""
@@ -215,7 +215,7 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
             continue
         if spec.needs_input and not config.input:
             errors.append(f"{path}: stage {name!r}, key 'input': stage type {stage_type!r} needs an input")
-        for entry in config.input:
+        for entry in config.references():
             if entry == name:
                 errors.append(f"{path}: stage {name!r}, key 'input': a stage cannot read itself")
             elif entry not in stages_raw and not expand_paths(str(resolve_input_path(entry, path.parent))):
