@@ -16,6 +16,7 @@ BUILTIN_STAGE_MODULES = (
     "gristmill.pipeline.pii.stage",
     "gristmill.pipeline.classify.stage",
     "gristmill.model.stage",
+    "gristmill.model.evaluate",
     "gristmill.tokenize.stages",
 )
 
