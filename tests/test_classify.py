@@ -146,3 +146,21 @@ def test_bad_settings_are_errors_naming_the_key(tmp_path):
         run(tmp_path, {"positives": "nowhere.txt", "negatives": str(NEGATIVES)})
     with pytest.raises(StageError, match="positives.txt: not a fastText model"):
         run(tmp_path, {"model": str(POSITIVES)}, name="not-a-model")
+
+
+def test_classify_page_shows_scores_threshold_and_examples(trained_run, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("GRISTMILL_RUN", str(trained_run))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "gristmill" / "dashboards" / "app.py"),
+                           default_timeout=60)
+    at.query_params["page"] = "classify"
+    at.run()
+    assert not at.exception and not at.error
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["documents in"] == "90" and shown["kept"] == "36"
+    stats = json.loads((trained_run / "classify" / io.STATS_FILE).read_text())
+    assert shown["threshold"] == f"{stats['threshold']:.3f}"
+    assert [s.value for s in at.subheader] == ["Scores", "Best-scored documents", "Worst-scored documents"]
+    at.slider(key="classify-threshold").set_value(0.0).run()
+    assert "89 of 89 documents" in " ".join(c.value for c in at.caption)

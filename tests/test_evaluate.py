@@ -91,3 +91,65 @@ def test_an_input_without_checkpoint_is_an_error_naming_it(tmp_path):
     (tmp_path / "heldout.txt").write_text(TEXT)
     with pytest.raises(StageError, match="'empty' should name one checkpoint"):
         evaluate(tmp_path, ["empty"], ["heldout.txt"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The ablation workflow, end to end with short settings, and its dashboard page
+
+ABLATION = Path(__file__).resolve().parents[1] / "workflows" / "ablation.yaml"
+BRANCHES = ("train_none", "train_heuristic", "train_classifier")
+SHORT = ["tokenizers.tokenizers=[{name: bpe, kind: bpe, vocab_size: 600}]", "tokenizers.show_progress=false",
+         "evaluate.max_docs=50"] + [
+    f"{branch}.{key}" for branch in BRANCHES for key in (
+        "n_layer=1", "n_head=2", "n_embd=32", "seq_len=32", "batch_size=4", "max_steps=6", "warmup_steps=1",
+        "eval_every=3", "checkpoint_every=3", "log_every=1", "progress=false")]
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory) -> Path:
+    """The ablation workflow in one process, with tiny models and two small held-out sets cut from
+    the bundled examples (the full files take minutes to score on a loaded 2-core machine)."""
+    runs = tmp_path_factory.mktemp("ablation")
+    heldout = []
+    for name in ("positives", "negatives"):
+        lines = (DATA_DIR / "quality" / f"{name}.txt").read_text().splitlines()[:20]
+        heldout.append(runs / f"{name}.jsonl")
+        heldout[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    overrides = SHORT + ["dask.scheduler=synchronous", f"evaluate.heldout={json.dumps([str(p) for p in heldout])}"]
+    return run_workflow(ABLATION, runs_dir=runs, overrides=overrides, console=Console(quiet=True))
+
+
+def test_ablation_trains_each_branch_on_the_same_budget_and_evaluates_all_on_the_same_sets(ablation_run):
+    stats = json.loads((ablation_run / "evaluate" / io.STATS_FILE).read_text())
+    rows = stats["table"]
+    assert [r["model"] for r in rows] == [m for m in BRANCHES for _ in range(2)]
+    assert {Path(r["heldout"]).name for r in rows} == {"positives.jsonl", "negatives.jsonl"}
+    assert all(r["docs"] == 20 for r in rows)
+    for heldout in {r["heldout"] for r in rows}:
+        same = [r for r in rows if r["heldout"] == heldout]
+        assert len({r["bytes"] for r in same}) == 1 and len({r["tokens"] for r in same}) == 1  # one tokenizer
+        assert all(0 < r["bits_per_byte"] < 20 for r in same)
+    steps = {b: json.loads((ablation_run / b / io.DONE_FILE).read_text())["counts"] for b in BRANCHES}
+    assert len({(c["steps"], c["tokens"]) for c in steps.values()}) == 1  # the same token budget
+    kept = {s: json.loads((ablation_run / s / io.DONE_FILE).read_text())["counts"]["kept"]
+            for s in ("extract", "filter", "classify")}
+    assert kept["extract"] > kept["filter"] > kept["classify"] > 0
+
+
+def test_ablations_page_shows_the_table_curves_and_branch_sizes(ablation_run, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("GRISTMILL_RUN", str(ablation_run))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "gristmill" / "dashboards" / "app.py"),
+                           default_timeout=60)
+    at.query_params["page"] = "ablations"
+    at.run()
+    assert not at.exception and not at.error
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["models"] == "3" and shown["held-out sets"] == "2"
+    table, sizes = (d.value for d in at.dataframe)
+    assert list(table["model"]) == [m for m in BRANCHES for _ in range(2)]
+    assert list(sizes["model"]) == list(BRANCHES)
+    assert list(sizes["documents stage"]) == ["extract", "filter", "classify"]
+    classify_kept = json.loads((ablation_run / "classify" / io.DONE_FILE).read_text())["counts"]["kept"]
+    assert sizes["documents"].iloc[2] == classify_kept
