@@ -142,7 +142,7 @@ def test_bad_settings_are_errors_naming_the_key(tmp_path):
         run(tmp_path, {"model": "m.bin", "keep_fractoin": 0.5})
     with pytest.raises(WorkflowError, match="not both"):
         run(tmp_path, {"model": str(POSITIVES), "positives": str(POSITIVES), "negatives": str(NEGATIVES)})
-    with pytest.raises(WorkflowError, match="'nowhere.txt' is neither a stage"):
+    with pytest.raises(WorkflowError, match="key 'positives': 'nowhere.txt' is neither a stage"):
         run(tmp_path, {"positives": "nowhere.txt", "negatives": str(NEGATIVES)})
     with pytest.raises(StageError, match="positives.txt: not a fastText model"):
         run(tmp_path, {"model": str(POSITIVES)}, name="not-a-model")

@@ -23,8 +23,6 @@ from gristmill.pipeline import io
 from gristmill.pipeline.read import ReadConfig, read_files
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
-CHECKPOINT_FILE = "checkpoint.pt"  # the training loop's file name (gristmill.model.sample)
-
 
 class EvaluateConfig(StageConfig):
     """`input`: train stages or checkpoints; `heldout`: one or more stages or files of documents."""
@@ -56,6 +54,8 @@ def heldout_texts(ctx: StageContext, entry: str, max_docs: int | None) -> list[s
 
 def model_checkpoints(ctx: StageContext) -> dict[str, Path]:
     """Each `input` entry's checkpoint file, by entry name."""
+    from gristmill.model.sample import CHECKPOINT_FILE
+
     checkpoints = {}
     for entry in ctx.inputs:
         if entry.is_stage:
