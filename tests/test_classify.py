@@ -23,7 +23,12 @@ from gristmill.pipeline.classify.examples import (  # noqa: E402
     POSITIVES_FILE,
     bundled_examples,
 )
-from gristmill.pipeline.classify.model import FastTextSettings, train_classifier  # noqa: E402
+from gristmill.pipeline.classify.model import (  # noqa: E402
+    FastTextSettings,
+    load_classifier,
+    score_texts,
+    train_classifier,
+)
 from gristmill.pipeline.classify.stage import LOW_SCORE, MISSING_TEXT, SCORE_COLUMN, global_cut  # noqa: E402
 from gristmill.pipeline.runner import StageError, run_workflow  # noqa: E402
 from gristmill.pipeline.workflow import WorkflowError, load_workflow  # noqa: E402
@@ -164,3 +169,13 @@ def test_classify_page_shows_scores_threshold_and_examples(trained_run, monkeypa
     assert [s.value for s in at.subheader] == ["Scores", "Best-scored documents", "Worst-scored documents"]
     at.slider(key="classify-threshold").set_value(0.0).run()
     assert "89 of 89 documents" in " ".join(c.value for c in at.caption)
+
+
+def test_retraining_in_the_same_process_scores_with_the_new_model(tmp_path):
+    write_documents(tmp_path)
+    settings = {"positives": str(POSITIVES), "negatives": str(NEGATIVES), "threshold": 0.5}
+    run(tmp_path, {**settings, "fasttext": {"epoch": 1, "dim": 4}})
+    run_dir = run(tmp_path, {**settings, "fasttext": {"epoch": 20}})  # same stage folder, same model file name
+    model = load_classifier(run_dir / "classify" / "quality_model.bin")
+    table = pa.concat_tables(pq.read_table(p) for p in io.list_parts(run_dir / "classify" / io.KEPT))
+    assert table.column(SCORE_COLUMN).to_numpy() == pytest.approx(score_texts(model, table.column("text").to_pylist()))

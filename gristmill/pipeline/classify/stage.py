@@ -80,9 +80,16 @@ class ClassifyConfig(StageConfig):
         return [*self.input, *self.positives, *self.negatives, *([self.model] if self.model else [])]
 
 
-@functools.lru_cache(maxsize=2)
 def _classifier(path: str, positive_label: str):
-    """One loaded model per worker process."""
+    """The model at `path`, loaded once per worker process and again when the file changes
+    (a retrained model is saved under the same name)."""
+    file = Path(path)
+    version = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    return _cached_classifier(path, positive_label, version)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_classifier(path: str, positive_label: str, version: tuple[int, int] | None):
     return load_classifier(path, positive_label)
 
 
