@@ -38,6 +38,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from gristmill import DATA_DIR
+from gristmill.pipeline.extract.archive import archive_spans
 from gristmill.pipeline.extract.stage import ExtractConfig, extract_archive
 
 SITE = DATA_DIR / "sample_site"
@@ -70,7 +71,7 @@ def run_gristmill(path: Path) -> tuple[float, float, int]:
     """(CPU seconds, wall seconds, documents kept)."""
     config = ExtractConfig(type="extract")
     cpu, wall = cpu_seconds(), time.perf_counter()
-    output = extract_archive(str(path), config)
+    output = extract_archive(archive_spans(path, config.split_bytes), config)
     return cpu_seconds() - cpu, time.perf_counter() - wall, output.kept.num_rows
 
 
