@@ -432,3 +432,15 @@ def test_reads_what_the_crawl_stage_wrote(tmp_path):
         assert read_record_html(row["warc_file"], row["warc_offset"]) == (SITE / "python" / "tutorial" / name).read_text()
     stats = json.loads((run_dir / "extract" / io.STATS_FILE).read_text())
     assert stats["records_by_type"]["request"] == stats["records_by_type"]["response"] == len(kept)
+
+
+def test_text_over_max_doc_chars_becomes_a_removed_row(site_output, site_warc):
+    lengths = {row["url"]: len(row["text"]) for row in site_output.kept.to_pylist()}
+    limit = sorted(lengths.values())[4]
+    output = extract_file(site_warc, max_doc_chars=limit)
+    assert sorted(output.kept.column("url").to_pylist()) == sorted(u for u, n in lengths.items() if n <= limit)
+    removed = {row["url"]: row for row in output.removed.to_pylist()}
+    assert set(removed) == {u for u, n in lengths.items() if n > limit}
+    for url, row in removed.items():
+        assert row["reason"] == f"extract:too_long ({lengths[url]:,} characters > max_doc_chars {limit:,})"
+        assert row["text"] is None

@@ -183,7 +183,8 @@ def _read_jsonl(span: Span, config: ReadConfig, out: _Records) -> None:
             where = f"line at byte {offset}"
             if raw is None:
                 out.remove(_document(doc_id, None, source),
-                           f"read:too_long ({where}: {length:,} bytes > {JSON_BYTES_PER_CHAR} x max_doc_chars)")
+                           f"read:too_long ({where}: {length:,} bytes > {JSON_BYTES_PER_CHAR} x max_doc_chars "
+                           f"{config.max_doc_chars:,})")
                 continue
             if not raw.strip():
                 continue
