@@ -49,6 +49,10 @@ class StageConfig(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    def own_settings(self) -> dict[str, Any]:
+        """The keys of the stage type itself, without those every stage has (type, input, part caps)."""
+        return self.model_dump(exclude=set(StageConfig.model_fields))
+
 
 @dataclass
 class PartitionOutput:
