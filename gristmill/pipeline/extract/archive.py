@@ -30,6 +30,7 @@ WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz")
 DOCUMENT_RECORD_TYPES = ("response", "resource", "conversion")
 GZIP_MAGIC = b"\x1f\x8b\x08"
 CHUNK_BYTES = 1 << 20
+FEED_BYTES = 1 << 14  # input handed to zlib at a time: what is left past a member's end is copied
 HEADER_BYTES = 1 << 20  # room for a record's WARC and HTTP headers on top of its payload
 # A gzip file whose first member is longer than this is taken for one stream (no seek points).
 LAYOUT_PROBE_BYTES = 64 << 20
@@ -96,8 +97,7 @@ def archive_layout(path: str | Path) -> str:
         if stream.read(3) != GZIP_MAGIC:
             return "plain"
         size = os.fstat(stream.fileno()).st_size
-        stream.seek(0)
-        first, _ = _inflate_member(stream, 0, b"", keep=0, limit=LAYOUT_PROBE_BYTES)
+        first = _inflate_member(_Cursor(stream, 0), keep=0, limit=LAYOUT_PROBE_BYTES)
         if first.problem == "over_limit" or first.end == size:
             return "stream"
         if first.problem is not None or _begins_record(stream, first.end):
@@ -157,52 +157,79 @@ def _members(stream: BinaryIO, start: int, end: int, keep: int) -> Iterator[_Mem
     content. A member that does not inflate ends where the next member beginning a WARC record
     starts (or at the end of the file): that is where reading resynchronises."""
     size = os.fstat(stream.fileno()).st_size
-    stream.seek(start)
-    offset, pending = start, b""
-    while offset < min(end, size):
-        member, pending = _inflate_member(stream, offset, pending, keep)
+    cursor = _Cursor(stream, start)
+    while cursor.offset < min(end, size):
+        member = _inflate_member(cursor, keep)
         if member.problem is not None:
-            member.data = member.data or _salvage_head(stream, offset)
-            member.end = _next_record_member(stream, offset + 1, size)
-            stream.seek(member.end)
-            pending = b""
+            member.data = member.data or _salvage_head(stream, member.offset)
+            member.end = _next_record_member(stream, member.offset + 1, size)
+            cursor.seek(member.end)
         yield member
-        offset = member.end
 
 
-def _inflate_member(stream: BinaryIO, offset: int, pending: bytes, keep: int,
-                    limit: int | None = None) -> tuple[_Member, bytes]:
-    """Inflate the member at `offset` (the stream is positioned after `pending`, the bytes already
-    read from `offset` on); returns it and the bytes read past its end."""
-    data = pending if len(pending) >= len(GZIP_MAGIC) else pending + stream.read(CHUNK_BYTES)
-    if not data.startswith(GZIP_MAGIC):
-        return _Member(offset, -1, b"", 0, "damaged", "no gzip member starts here"), b""
+class _Cursor:
+    """Reads a file forward in blocks and hands out small slices of them without copying, so that
+    finding where each of many small gzip members ends costs no more than inflating it."""
+
+    def __init__(self, stream: BinaryIO, offset: int):
+        self.stream = stream
+        self.seek(offset)
+
+    def seek(self, offset: int) -> None:
+        self.stream.seek(offset)
+        self.block, self.base, self.pos = b"", offset, 0  # `base`: file offset of block[0]
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def peek(self, n: int) -> bytes:
+        """The next `n` bytes (fewer at the end of the file), without moving."""
+        if len(self.block) - self.pos < n:
+            self.block, self.base, self.pos = self.block[self.pos:] + self.stream.read(CHUNK_BYTES), self.offset, 0
+        return self.block[self.pos : self.pos + n]
+
+    def take(self, n: int) -> memoryview:
+        """Up to `n` of the next bytes (empty at the end of the file)."""
+        if self.pos == len(self.block):
+            self.peek(1)
+        view = memoryview(self.block)[self.pos : self.pos + n]
+        self.pos += len(view)
+        return view
+
+    def give_back(self, n: int) -> None:
+        self.pos -= n
+
+
+def _inflate_member(cursor: _Cursor, keep: int, limit: int | None = None) -> _Member:
+    """Inflate the member at the cursor and leave the cursor at its end."""
+    offset = cursor.offset
+    if cursor.peek(len(GZIP_MAGIC)) != GZIP_MAGIC:
+        return _Member(offset, -1, b"", 0, "damaged", "no gzip member starts here")
     inflater = zlib.decompressobj(wbits=31)
-    head, length, fed = bytearray(), 0, len(data)
+    head, length = bytearray(), 0
     try:
         while True:
-            piece = inflater.decompress(data, CHUNK_BYTES)
-            if not piece and not inflater.unconsumed_tail and not inflater.eof:
-                more = stream.read(CHUNK_BYTES)
-                if not more:
-                    piece = inflater.flush()  # output zlib may still hold back
-                    if not inflater.eof:
-                        head += piece[: max(keep - len(head), 0)]
-                        return _Member(offset, -1, bytes(head), length + len(piece), "truncated",
-                                       "the file ends inside this gzip member"), b""
-                fed += len(more)
-                data = more
-            else:
+            data: bytes | memoryview = cursor.take(FEED_BYTES)
+            if not data:
+                piece = inflater.flush()  # output zlib may still hold back
+                head += piece[: max(keep - len(head), 0)]
+                length += len(piece)
+                if inflater.eof:
+                    return _Member(offset, cursor.offset, bytes(head), length)
+                return _Member(offset, -1, bytes(head), length, "truncated", "the file ends inside this gzip member")
+            while data:
+                piece = inflater.decompress(data, CHUNK_BYTES)
+                head += piece[: max(keep - len(head), 0)]
+                length += len(piece)
+                if inflater.eof:
+                    cursor.give_back(len(inflater.unused_data))
+                    return _Member(offset, cursor.offset, bytes(head), length)
+                if limit is not None and length > limit:
+                    return _Member(offset, -1, bytes(head), length, "over_limit")
                 data = inflater.unconsumed_tail
-            length += len(piece)
-            head += piece[: max(keep - len(head), 0)]
-            if inflater.eof:
-                rest = inflater.unused_data
-                return _Member(offset, offset + fed - len(rest), bytes(head), length), rest
-            if limit is not None and length > limit:
-                return _Member(offset, -1, bytes(head), length, "over_limit"), b""
     except zlib.error as error:
-        return _Member(offset, -1, bytes(head), length, "damaged", f"gzip: {error}"), b""
+        return _Member(offset, -1, bytes(head), length, "damaged", f"gzip: {error}")
 
 
 def _salvage_head(stream: BinaryIO, offset: int) -> bytes:
@@ -259,6 +286,10 @@ def _iter_members(path: str, max_payload_bytes: int, counts: dict[str, int], sta
             if member.problem is not None:
                 yield _skipped_member(path, member, member.problem, member.detail)
                 continue
+            kind = _lone_record_type(member)
+            if kind is not None and kind not in DOCUMENT_RECORD_TYPES:  # a request, warcinfo...: count it, no more
+                counts[kind] = counts.get(kind, 0) + 1
+                continue
             capped = member.length > len(member.data)  # only the first record's headers are whole
             found = 0
             try:
@@ -279,14 +310,33 @@ def _iter_members(path: str, max_payload_bytes: int, counts: dict[str, int], sta
                 yield _skipped_member(path, member, "damaged", "not a WARC record")
 
 
+def _warc_headers(data: bytes) -> tuple[dict[str, str], int]:
+    """The WARC headers (lower-case names) at the start of `data`, and where its block starts
+    (-1 when the header block does not end within the data)."""
+    headers: dict[str, str] = {}
+    if not data.startswith(b"WARC/"):
+        return headers, -1
+    block_start = data.find(b"\r\n\r\n", 0, HEADER_BYTES)
+    block = data[: block_start if block_start >= 0 else HEADER_BYTES].decode("utf-8", "replace")
+    for line in block.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return headers, block_start + 4 if block_start >= 0 else -1
+
+
+def _lone_record_type(member: _Member) -> str | None:
+    """The WARC-Type of a member that holds exactly one whole record, read from its headers alone
+    (cheaper than parsing the record); None otherwise."""
+    headers, block_start = _warc_headers(member.data)
+    declared = headers.get("content-length", "")
+    if block_start < 0 or not declared.isdigit() or block_start + int(declared) + 4 != member.length:
+        return None
+    return headers.get("warc-type")
+
+
 def _skipped_member(path: str, member: _Member, problem: str, detail: str) -> ArchiveRecord:
     """The record of a member that could not be read, with what its first bytes still tell."""
-    headers: dict[str, str] = {}
-    if member.data.startswith(b"WARC/"):
-        block = member.data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-        for line in block.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+    headers, _ = _warc_headers(member.data)
     return ArchiveRecord(
         path, member.offset, headers.get("warc-type", "unknown"), headers.get("warc-record-id"),
         headers.get("warc-target-uri"), _parse_warc_date(headers.get("warc-date")), problem=problem,
