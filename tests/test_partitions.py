@@ -320,3 +320,23 @@ def test_resume_after_sigkill_with_split_inputs_gives_identical_parts(tmp_path):
         assert len(parts) > 4
         assert {f"{sub}/{p.name}": p.read_bytes() for sub in (io.KEPT, io.REMOVED)
                 for p in io.list_parts(killed / stage / sub)} == parts
+
+
+def test_arc_gzipped_record_by_record_is_split_like_warc(tmp_path):
+    desc = b"1 0 InternetArchive\nURL IP-address Archive-date Content-type Archive-length\n"
+    records = [b"filedesc://big.arc 0.0.0.0 20240101000000 text/plain %d\n" % len(desc) + desc + b"\n"]
+    for i, page in enumerate(PAGES[:40]):
+        block = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + page.read_bytes()
+        records.append(b"%s?n=%d 127.0.0.1 20240102030405 text/html %d\n" % (BASE_URL.encode(), i, len(block))
+                       + block + b"\n")
+    path = tmp_path / "big.arc.gz"
+    path.write_bytes(b"".join(gzip.compress(record) for record in records))
+    config = ExtractConfig(type="extract")
+    (single,) = archive_spans(path, config.split_bytes)
+    whole = extract_archive([single], config)
+    assert single.layout == "arc_members" and whole.kept.num_rows == 40
+    spans = archive_spans(path, path.stat().st_size // 4)
+    assert len(spans) >= 3 and all(span.layout == "arc_members" for span in spans)
+    outputs = [extract_archive([span], config) for span in spans]
+    assert all(o.kept.num_rows for o in outputs)
+    assert concat([o.kept for o in outputs]).equals(whole.kept)

@@ -6,6 +6,8 @@ Every mistake is reported with the file, the stage and the key, e.g.
 `workflows/web.yaml: stage 'filter', key 'gopher_quality.min_doc_words': Input should be a valid integer`.
 
 `imports:` lists modules that register extra stage types (your own `document_stage`s).
+`parts:` caps the parts every document stage writes (`max_part_rows`, `max_part_bytes`); a stage's
+own keys of the same names win (docs/partitions.md).
 Strings may use `${VAR}` and `${VAR:-default}`; `GRISTMILL_DATA` defaults to the bundled data folder.
 `--set stage.key=value` overrides (value parsed as YAML) apply before validation.
 """

@@ -1,11 +1,12 @@
 """Records of WARC, WET and ARC files, as plain values the extract stage can judge.
 
-A file has one of four layouts. `members`: gzip with one member per record, as Common Crawl and
-every crawler (gristmill's included) write them; members are walked one by one, so a file can be
-cut into spans that start at record boundaries, and a damaged member is skipped: reading goes on
-at the next member that begins a WARC record. `stream` (gzipped as one stream), `plain` (not
-gzipped) and `arc` files are read whole, from their start, with FastWARC (ARC with warcio, which
-converts to WARC on the fly).
+A file has one of five layouts. `members`: WARC gzipped with one member per record, as Common
+Crawl and every crawler (gristmill's included) write them; members are walked one by one, so a
+file can be cut into spans that start at record boundaries, and a damaged member is skipped:
+reading goes on at the next member that begins a WARC record. `arc_members`: ARC gzipped the same
+way, cut the same way, read with warcio (which converts ARC to WARC on the fly) from a span's start
+to its end. `stream` (gzipped as one stream), `plain` (not gzipped) and `arc` files are read
+whole, from their start (WARC with FastWARC, ARC with warcio).
 
 Only records that can be documents come out: `response` (a crawled page), `resource` (a stored
 file) and `conversion` (WET text). Requests, metadata and warcinfo records are counted and skipped.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +36,10 @@ FEED_BYTES = 1 << 14  # input handed to zlib at a time: what is left past a memb
 HEADER_BYTES = 1 << 20  # room for a record's WARC and HTTP headers on top of its payload
 # A gzip file whose first member is longer than this is taken for one stream (no seek points).
 LAYOUT_PROBE_BYTES = 64 << 20
+# The start of a record: a WARC version line, or an ARC header line (URL IP date type length).
+RECORD_START = re.compile(rb"WARC/\d|\S+ \S+ \d{14} \S+ \d+\r?\n")
+RECORD_START_BYTES = 1 << 12
+SPLITTABLE = ("members", "arc_members")
 UNSPLITTABLE = {
     "stream": "gzipped as one stream: no record boundary to seek to, so it is read whole",
     "plain": "not gzipped record by record: it is read whole",
@@ -90,19 +96,19 @@ def _is_arc(path: str | Path) -> bool:
 
 
 def archive_layout(path: str | Path) -> str:
-    """`members`, `stream`, `plain` or `arc` (see the module docstring), from the file's first bytes."""
-    if _is_arc(path):
-        return "arc"
+    """`members`, `arc_members`, `stream`, `plain` or `arc` (see the module docstring), from the
+    file's name and first bytes."""
+    arc = _is_arc(path)
     with open(path, "rb") as stream:
         if stream.read(3) != GZIP_MAGIC:
-            return "plain"
+            return "arc" if arc else "plain"
         size = os.fstat(stream.fileno()).st_size
         first = _inflate_member(_Cursor(stream, 0), keep=0, limit=LAYOUT_PROBE_BYTES)
-        if first.problem == "over_limit" or first.end == size:
-            return "stream"
-        if first.problem is not None or _begins_record(stream, first.end):
-            return "members"  # a damaged first member still leaves the rest to resynchronise on
-        return "stream"
+        per_record = first.problem not in ("over_limit", None) or (
+            first.problem is None and first.end < size and _begins_record(stream, first.end))
+        if not per_record:  # one member for the whole file, or members that are not records
+            return "arc" if arc else "stream"
+        return "arc_members" if arc else "members"  # a damaged first member: the rest resynchronises
 
 
 def archive_spans(path: str | Path, split_bytes: int) -> list[ArchiveSpan]:
@@ -112,12 +118,13 @@ def archive_spans(path: str | Path, split_bytes: int) -> list[ArchiveSpan]:
     path = str(path)
     size = os.path.getsize(path)
     layout = archive_layout(path)
-    if size <= split_bytes or layout != "members":
+    if size <= split_bytes or layout not in SPLITTABLE:
         return [ArchiveSpan(path, 0, size, layout, "" if size <= split_bytes else UNSPLITTABLE[layout])]
     starts = [0]
     with open(path, "rb") as stream:
-        for member in _members(stream, 0, size, keep=5):
-            if member.problem is None and member.data == b"WARC/" and member.offset - starts[-1] >= split_bytes:
+        for member in _members(stream, 0, size, keep=RECORD_START_BYTES):
+            if (member.problem is None and member.offset - starts[-1] >= split_bytes
+                    and RECORD_START.match(member.data)):
                 starts.append(member.offset)
     return [ArchiveSpan(path, start, end, layout) for start, end in zip(starts, starts[1:] + [size])]
 
@@ -128,15 +135,16 @@ def iter_records(path: str | Path, max_payload_bytes: int, counts: dict[str, int
 
     `counts` (optional) receives the number of records of every WARC type seen, documents or not.
     `start` reads from that byte offset (a record boundary) instead of the beginning; in the
-    `members` layout only records whose gzip member starts before `end` are read.
+    layouts that split, only records whose gzip member starts before `end` are read.
     """
     counts = {} if counts is None else counts
     layout = layout or archive_layout(path)
     if layout == "members":
         yield from _iter_members(str(path), max_payload_bytes, counts, start, end)
+    elif layout in ("arc", "arc_members"):
+        yield from _iter_arc(str(path), max_payload_bytes, counts, start, end if layout == "arc_members" else None)
     else:
-        reader = _iter_arc if layout == "arc" else _iter_warc
-        yield from reader(str(path), max_payload_bytes, counts, start)
+        yield from _iter_warc(str(path), max_payload_bytes, counts, start)
 
 
 @dataclass
@@ -248,19 +256,19 @@ def _salvage_head(stream: BinaryIO, offset: int) -> bytes:
 
 
 def _begins_record(stream: BinaryIO, offset: int) -> bool:
-    """Whether a gzip member starts at `offset` and its content starts a WARC record."""
+    """Whether a gzip member starts at `offset` and its content starts a WARC or ARC record."""
     stream.seek(offset)
     data = stream.read(1 << 16)
     if not data.startswith(GZIP_MAGIC):
         return False
     try:
-        return zlib.decompressobj(wbits=31).decompress(data, 8).startswith(b"WARC/")
+        return RECORD_START.match(zlib.decompressobj(wbits=31).decompress(data, RECORD_START_BYTES)) is not None
     except zlib.error:
         return False
 
 
 def _next_record_member(stream: BinaryIO, after: int, size: int) -> int:
-    """Offset of the first gzip member at or after `after` that begins a WARC record; `size` if none."""
+    """Offset of the first gzip member at or after `after` that begins a record; `size` if none."""
     position = after
     while position < size:
         stream.seek(position)
@@ -457,7 +465,9 @@ def _warc_record(path: str, record, kind: str, max_payload_bytes: int, offset: i
     return out
 
 
-def _iter_arc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int) -> Iterator[ArchiveRecord]:
+def _iter_arc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int,
+              end: int | None) -> Iterator[ArchiveRecord]:
+    """Records of an ARC file from `start`, up to the first record at or after `end` (None: all)."""
     from warcio.archiveiterator import ArchiveIterator
 
     with open(path, "rb") as stream:
@@ -468,6 +478,8 @@ def _iter_arc(path: str, max_payload_bytes: int, counts: dict[str, int], start: 
         while True:
             try:
                 record = next(records)
+                if end is not None and iterator.offset >= end:  # the offset of the record just read
+                    return
                 kind = record.rec_type
                 counts[kind] = counts.get(kind, 0) + 1
                 out = _arc_record(path, record, kind, max_payload_bytes) if kind in DOCUMENT_RECORD_TYPES else None
