@@ -27,7 +27,7 @@ def train_stage(ctx: StageContext) -> StageResult:
             f"stage {ctx.name!r}: input must be exactly one pack stage or one folder holding {META_FILE} "
             f"and token shards, got {ctx.config.input}"
         )
-    settings = TrainConfig.model_validate(ctx.config.model_dump(exclude={"type", "input"}))
+    settings = TrainConfig.model_validate(ctx.config.own_settings())
     resume = (ctx.stage_dir / CHECKPOINT_FILE).is_file()
     summary = train(settings, shard_dirs[0], ctx.stage_dir, resume=resume)
     stats = {
