@@ -84,12 +84,13 @@ def _classifier(path: str, positive_label: str):
     """The model at `path`, loaded once per worker process and again when the file changes
     (a retrained model is saved under the same name)."""
     file = Path(path)
-    version = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    stat = file.stat() if file.is_file() else None
+    version = (stat.st_ino, stat.st_mtime_ns, stat.st_size) if stat else None  # a rewrite is a new inode
     return _cached_classifier(path, positive_label, version)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_classifier(path: str, positive_label: str, version: tuple[int, int] | None):
+def _cached_classifier(path: str, positive_label: str, version: tuple[int, int, int] | None):
     return load_classifier(path, positive_label)
 
 
