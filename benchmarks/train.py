@@ -1,4 +1,4 @@
-"""Training throughput: gristmill's GPT vs Hugging Face `transformers` GPT2LMHeadModel.
+"""Training throughput: gristmill's Transformer vs Hugging Face `transformers` GPT2LMHeadModel.
 
 Both models get the same width, depth, heads, context and batch, SDPA attention and a plain AdamW
 loop (forward, cross-entropy, backward, clip, step) on the same batches from the same token shards
@@ -9,7 +9,7 @@ machine), after untimed warm-up steps, and the ratio is the median over steps of
 step time over gristmill's on the same batch.
 
 On CUDA both run in bf16 autocast (and `--compile` compiles both) and MFU is reported from
-gristmill's FLOPs formula (`GPT.flops_per_token`: 6N + 12·L·H·Q·T) and the GPU's peak bf16 rate.
+gristmill's FLOPs formula (`Transformer.flops_per_token`: 6N + 12·L·H·Q·T) and the GPU's peak bf16 rate.
 
     python benchmarks/train.py --quick
 """
@@ -33,7 +33,7 @@ from benchmarks.sample_pages import sample_pages
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import TrainLoader
 from gristmill.model.loop import PEAK_BF16_FLOPS
-from gristmill.model.model import GPT
+from gristmill.model.model import Transformer
 from gristmill.tokenize.recipes import train_byte_bpe
 from gristmill.tokenize.shards import token_dtype, write_shard
 
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":  # GPT-2 small: 124M parameters, bf16, compiled
+    if device.type == "cuda":  # Transformer-2 small: 124M parameters, bf16, compiled
         config = TrainConfig(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch_size=16)
         vocab_size, warmup, steps = 50257, 5, (20 if args.quick else 60)
         use_compile = True
@@ -116,7 +116,7 @@ def main() -> None:
         loader = TrainLoader([shard], config.seq_len, config.batch_size, 1, seed=SEED)
 
         torch.manual_seed(SEED)
-        ours = GPT(config.gpt_config(vocab_size)).to(device)
+        ours = Transformer(config.transformer_config(vocab_size)).to(device)
         ours_optimizer = ours.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device.type)
         theirs = hf_model(config, vocab_size).to(device)
         theirs_optimizer = torch.optim.AdamW(

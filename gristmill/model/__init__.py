@@ -1,4 +1,4 @@
-"""The built-in pretraining loop: a GPT in one file, trained from packed token shards.
+"""The built-in pretraining loop: a Transformer in one file, trained from packed token shards.
 
 `model.py` is the architecture, `config.py` the validated settings, `data.py` the shard loader,
 `loop.py` the training loop (DDP under torchrun), `train.py` its command line, `sample.py`

@@ -1,4 +1,4 @@
-"""The `train` workflow stage: train a GPT on the shards of one upstream `pack` stage (or of a
+"""The `train` workflow stage: train a Transformer on the shards of one upstream `pack` stage (or of a
 folder named by path that holds `meta.json` and `train_*.bin` / `val_*.bin`).
 
 It writes `checkpoint.pt`, `metrics.jsonl` and `samples.jsonl` into its stage folder (see
