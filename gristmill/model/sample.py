@@ -78,8 +78,9 @@ def sample_text(
         generator=generator,
     )
     model.train(was_training)
-    text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
-    return f"{prompt} => {text}" if model.config.architecture == "encoder_decoder" else text
+    if model.config.architecture == "encoder_decoder":  # the answer after the start token, sentinels shown
+        return f"{prompt} => {tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=False)}"
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
 
 @torch.no_grad()
