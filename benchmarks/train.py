@@ -49,7 +49,7 @@ from gristmill.tokenize.shards import token_dtype, write_shard
 SHAPES = {
     "decoder": (dict(position="learned", mlp="gelu", norm="layernorm", bias=True), AutoModelForCausalLM),
     "encoder": (dict(position="learned", mlp="gelu", norm="layernorm", norm_placement="post", bias=True), AutoModelForMaskedLM),
-    "encoder_decoder": (dict(position="relative", tie_weights=False), AutoModelForSeq2SeqLM),
+    "encoder_decoder": (dict(position="relative"), AutoModelForSeq2SeqLM),
 }
 SEED = 1234
 

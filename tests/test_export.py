@@ -118,6 +118,7 @@ def test_every_architecture_exports_and_transformers_gives_the_same_logits(tmp_p
         (dict(architecture="encoder"), "position='rope'"),
         (dict(architecture="encoder", position="learned", mlp="gelu", norm="layernorm"), "norm_placement='pre'"),
         (dict(architecture="encoder_decoder", position="relative", bias=True), "bias=True"),
+        (dict(architecture="encoder_decoder", position="relative", tie_weights=False), "tie_weights=False"),
     ],
 )
 def test_settings_without_an_equivalent_are_errors_naming_the_setting(tmp_path, shards, options, setting):

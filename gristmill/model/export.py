@@ -39,7 +39,9 @@ REQUIREMENTS = {
     "llama": {"position": "rope", "mlp": "swiglu", "norm": "rmsnorm", "norm_placement": "pre", "sliding_window": None},
     "gpt2": {"position": "learned", "mlp": "gelu", "norm": "layernorm", "norm_placement": "pre", "sliding_window": None},
     "bert": {"position": "learned", "mlp": "gelu", "norm": "layernorm", "norm_placement": "post", "sliding_window": None},
-    "t5": {"position": "relative", "norm": "rmsnorm", "norm_placement": "pre", "sliding_window": None, "bias": False},
+    # tied: transformers 5 always ties T5's output projection to its embeddings
+    "t5": {"position": "relative", "norm": "rmsnorm", "norm_placement": "pre", "sliding_window": None, "bias": False,
+           "tie_weights": True},
 }
 
 
@@ -281,7 +283,9 @@ def t5(config: ModelConfig, w: dict) -> tuple[dict, dict]:
         "layer_norm_epsilon": RMS_EPS,
         "dropout_rate": 0.0,
         "is_encoder_decoder": True,
-        "tie_word_embeddings": False,  # tied T5 rescales the decoder output by d_model ** -0.5; gristmill does not
+        # False tells T5 not to rescale the decoder output by d_model ** -0.5 (gristmill does not);
+        # the weights are tied all the same (lm_head is the embedding)
+        "tie_word_embeddings": False,
         "decoder_start_token_id": config.decoder_start_id,
         "pad_token_id": config.decoder_start_id,
     }
