@@ -22,7 +22,7 @@ from gristmill.model.loop import train
 from gristmill.model.model import ModelConfig, Transformer
 from gristmill.model.objectives import Objective, span_counts
 from gristmill.model.sample import load_checkpoint, load_model, sample_text
-from tests.test_model_train import write_shards
+from tests.test_model_train import free_loopback_port, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 97
@@ -200,6 +200,24 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_run_exactly(tmp_path, 
     assert (resumed[-1]["val_loss"], resumed[-1]["val_accuracy"]) == (straight[-1]["val_loss"], straight[-1]["val_accuracy"])
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_encoder_decoder_ddp_on_two_cpu_processes_matches_one_process(tmp_path, shards):
+    settings = ["architecture=encoder_decoder", "warmup_steps=2", "log_every=1", "progress=false", "n_head=4"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+    two = subprocess.run(
+        [*torchrun, "-m", "gristmill.model.train", str(shards), "--out", str(tmp_path / "ddp"), "--max-steps", "6",
+         "--n-layer", "2", "--n-embd", "64", "--seq-len", "64", "--batch-size", "4",
+         *[arg for setting in settings for arg in ("--set", setting)]],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+    train(TrainConfig(**TINY | dict(architecture="encoder_decoder", max_steps=6, warmup_steps=2)), shards, tmp_path / "one")
+    ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-4)
+    np.testing.assert_allclose(ddp[-1]["val_accuracy"], one[-1]["val_accuracy"], rtol=1e-6)
 
 
 def test_objective_must_fit_the_architecture_and_the_shards(tmp_path, shards):
