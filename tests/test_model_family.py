@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from resiliparse.extract.html2text import extract_plain_text
@@ -22,6 +24,10 @@ from gristmill.model.loop import train
 from gristmill.model.model import ModelConfig, Transformer
 from gristmill.model.objectives import Objective, span_counts
 from gristmill.model.sample import load_checkpoint, load_model, sample_text
+from gristmill.tokenize.corpus import Sample
+from gristmill.tokenize.pack import pack, serial_map
+from gristmill.tokenize.recipes import TokenizerSpec
+from gristmill.tokenize.train import load_tokenizer, save_tokenizer, train_tokenizer
 from tests.test_model_train import free_loopback_port, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,6 +224,23 @@ def test_encoder_decoder_ddp_on_two_cpu_processes_matches_one_process(tmp_path, 
     ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
     np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-4)
     np.testing.assert_allclose(ddp[-1]["val_accuracy"], one[-1]["val_accuracy"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "mask"), [("bpe", "<mask>"), ("wordpiece", "[MASK]"), ("unigram", "<mask>")])
+def test_every_trained_tokenizer_reserves_the_objective_tokens_and_pack_records_them(tmp_path, kind, mask):
+    texts = [extract_plain_text(p.read_text(errors="replace"))
+             for p in sorted((DATA_DIR / "sample_site" / "handbook" / "en-US").glob("*.html"))]
+    part = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": str(i), "text": t} for i, t in enumerate(texts)]), part)
+    spec = TokenizerSpec(name=kind, kind=kind, vocab_size=600, sentinels=4)
+    folder = save_tokenizer(train_tokenizer(spec, [part], Sample()), tmp_path / kind)
+    meta = pack([part], tmp_path / "pack", folder, serial_map, engine="tokenizers", val_fraction=0.2)
+    tokenizer = load_tokenizer(folder)
+    assert meta["mask_token"] == mask and meta["mask_id"] == tokenizer.token_to_id(mask)
+    assert meta["sentinel_ids"] == [tokenizer.token_to_id(f"<extra_id_{i}>") for i in range(4)]
+    assert json.loads((tmp_path / "pack" / "meta.json").read_text())["mask_id"] == meta["mask_id"]
+    text = f"The {mask} package"
+    assert mask in [tokenizer.id_to_token(i) for i in tokenizer.encode(text, add_special_tokens=False).ids]
 
 
 def test_objective_must_fit_the_architecture_and_the_shards(tmp_path, shards):
