@@ -49,7 +49,7 @@ def train_command(
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
     settings: list[str] = typer.Option([], "--set", help="any other setting, key=value (repeatable)"),
 ) -> None:
-    """Train a Transformer on packed token shards (DDP when started by torchrun)."""
+    """Train a GPT on packed token shards (DDP when started by torchrun)."""
     from gristmill.model.loop import train  # torch loads only when training starts
 
     options = {
