@@ -134,6 +134,9 @@ def run_evaluate(ctx: StageContext) -> StageResult:
         model, tokenizer, checkpoint = load_model(path, device)
         if tokenizer is None:
             raise ValueError(f"stage {ctx.name!r}: model {name!r} ({path}) carries no tokenizer to encode text with")
+        if model.config.architecture != "decoder":
+            raise ValueError(f"stage {ctx.name!r}: model {name!r} ({path}) is an {model.config.architecture}; bits per "
+                             f"byte of a text are defined here for decoders (causal language models) only")
         for heldout, texts in sets.items():
             scored = score_texts(model, tokenizer, checkpoint.get("eos_id"), texts, config.batch_size)
             table.append({"model": name, "heldout": heldout, "checkpoint": str(path),
