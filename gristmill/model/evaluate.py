@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import Field
 
 from gristmill.pipeline import io
-from gristmill.pipeline.read import ReadConfig, read_files
+from gristmill.pipeline.read import ReadConfig, file_format, file_spans, read_files
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
 
@@ -44,7 +44,10 @@ def heldout_texts(ctx: StageContext, entry: str, max_docs: int | None) -> list[s
 
         texts = [t for p in io.kept_parts(source.stage_dir) for t in pq.read_table(p, columns=["text"])["text"].to_pylist()]
     else:
-        table = read_files([(str(p), p.name) for p in source.files], ReadConfig(type="read")).kept
+        config = ReadConfig(type="read")
+        spans = [span for p in source.files
+                 for span in file_spans(p, p.name, file_format(p, config.format), config.split_bytes)]
+        table = read_files(spans, config).kept
         texts = table.column("text").to_pylist()
     texts = [t for t in texts if t][:max_docs]
     if not texts:
