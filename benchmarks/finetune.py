@@ -2,7 +2,7 @@
 
 Same data (the bundled `sft.jsonl` and `dpo.jsonl`), same tokenizer (a byte-level BPE trained on
 those texts, with gristmill's chat template), same model: TRL trains a `LlamaForCausalLM` of the
-same shape whose weights are copied from gristmill's randomly initialised GPT (the layouts match:
+same shape whose weights are copied from gristmill's randomly initialised decoder (the layouts match:
 RMSNorm, rotary halves, SwiGLU, tied embeddings), so both start from the very same function and the
 first losses agree. Same steps, batch, learning rate, AdamW, gradient clipping; one process, CPU.
 
@@ -23,6 +23,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from gristmill import DATA_DIR
 from gristmill.model.finetune.config import FinetuneConfig
 from gristmill.model.finetune.data import CHAT_TEMPLATE, Removed, read_records, to_messages
 from gristmill.model.finetune.loop import finetune
-from gristmill.model.model import GPT, GPTConfig
+from gristmill.model.model import ModelConfig, Transformer
 from gristmill.tokenize.recipes import train_byte_bpe
 
 DATA = DATA_DIR / "finetune"
@@ -44,33 +45,34 @@ def load(name: str) -> list[dict]:
     return [record for _, record in read_records([DATA / f"{name}.jsonl"], Removed())]
 
 
-def base_checkpoint(folder: Path, vocab_size: int) -> tuple[Path, GPT, object]:
-    """A byte-level BPE on the bundled texts and a seeded random GPT, saved as a checkpoint."""
+def base_checkpoint(folder: Path, vocab_size: int) -> tuple[Path, Transformer, object]:
+    """A byte-level BPE on the bundled texts and a seeded random decoder, saved as a checkpoint."""
     texts = [m["content"] for r in load("sft") for m in to_messages(r)] + [r["rejected"] for r in load("dpo")]
     tokenizer = train_byte_bpe(texts, vocab_size)
     torch.manual_seed(SEED)
-    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), **SIZE))
+    model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), **SIZE))
     path = folder / "base.pt"
-    torch.save({"model": model.state_dict(), "gpt_config": model.config.__dict__,
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config),
                 "eos_id": tokenizer.token_to_id(EOS), "tokenizer_json": tokenizer.to_str()}, path)
     return path, model, tokenizer
 
 
-def llama_copy(model: GPT):
+def llama_copy(model: Transformer):
     """A `LlamaForCausalLM` computing the same function as `model`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
-    hidden = model.blocks[0].mlp.down.in_features
+    blocks = model.decoder.blocks
+    hidden = blocks[0].mlp.down.in_features
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=hidden, num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=c.n_head, max_position_embeddings=c.seq_len,
         rms_norm_eps=1e-6, rope_theta=c.rope_base, tie_word_embeddings=True, attention_bias=False,
         mlp_bias=False, attn_implementation="sdpa",
     ))
-    state = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.norm_f.weight,
+    state = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.decoder.norm.weight,
              "lm_head.weight": model.wte.weight}
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(blocks):
         q, k, v = block.attn.qkv.weight.chunk(3)
         gate, up = block.mlp.up.weight.chunk(2)
         prefix = f"model.layers.{i}."
@@ -108,7 +110,7 @@ def trl_args(config_class, out: Path, steps: int, batch: int, lr: float, **extra
                         disable_tqdm=True, seed=SEED, dataloader_num_workers=0, **extra)
 
 
-def run_trl(method: str, model: GPT, tokenizer, out: Path, steps: int, batch: int, lr: float, seq_len: int) -> dict:
+def run_trl(method: str, model: Transformer, tokenizer, out: Path, steps: int, batch: int, lr: float, seq_len: int) -> dict:
     from datasets import Dataset, disable_progress_bars
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer

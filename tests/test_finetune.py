@@ -61,7 +61,7 @@ def records(name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """A tiny GPT pre-trained for 40 steps on handbook pages and the bundled fine-tuning texts."""
+    """A tiny decoder pre-trained for 40 steps on handbook pages and the bundled fine-tuning texts."""
     texts = [extract_plain_text(p.read_text(errors="replace")) for p in PAGES]
     texts += [render_chat([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
                           "")[0] for r in records("dpo")]
@@ -236,25 +236,32 @@ def test_settings_errors_name_the_key(base, tmp_path):
         FinetuneConfig.model_validate({"method": "rlhf"})
 
 
-def test_chat_template_in_tokenizer_config_reproduces_the_training_format(tmp_path, base):
-    from transformers import PreTrainedTokenizerFast
+def test_exported_model_loads_in_transformers_and_its_chat_template_reproduces_training(tmp_path, base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run(tmp_path, base, "sft", BUNDLED / "sft.jsonl", max_steps=3)
-    config = json.loads((tmp_path / "sft" / "tokenizer_config.json").read_text())
-    assert config["chat_template"] == CHAT_TEMPLATE
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "sft" / "tokenizer.json"),
-                                 eos_token=config["eos_token"], chat_template=config["chat_template"])
-    _, tokenizer, _ = load_model(base)
+    assert json.loads((tmp_path / "sft" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "sft"), str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, tokenizer, _ = load_model(tmp_path / "sft")
+    eos = hf_tokenizer.eos_token
     for record in records("sft")[:2] + [{"messages": [{"role": "system", "content": "Be brief."},
                                                       {"role": "user", "content": "Hi"}]}]:
         messages = record.get("messages") or [{"role": "user", "content": record["instruction"] + "\n\n" + record["input"]},
                                               {"role": "assistant", "content": record["output"]}]
         for prompt in (False, True):
-            text, _ = render_chat(messages, config["eos_token"], add_generation_prompt=prompt)
-            assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == text
+            text, _ = render_chat(messages, eos, add_generation_prompt=prompt)
+            assert hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == text
         if messages[-1]["role"] == "assistant":
-            ids, _ = encode_chat(tokenizer, messages, config["eos_token"])
-            assert hf.apply_chat_template(messages, tokenize=True, return_dict=False) == ids.tolist()
+            ids, _ = encode_chat(tokenizer, messages, eos)
+            hf_ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+            assert hf_ids == ids.tolist()
+            x = torch.tensor([ids.tolist()])
+            with torch.no_grad():
+                logits, _ = ours(x, torch.zeros_like(x))
+                torch.testing.assert_close(hf_model(x).logits, logits, atol=1e-4, rtol=1e-4)
 
 
 def test_workflow_sft_then_dpo_sample_chat_and_the_dashboard_page(tmp_path, base, monkeypatch):

@@ -5,9 +5,9 @@ divergence check, metrics JSONL, RNG states, atomic checkpoints, exact resume) a
       -> encode and split (data.py; bad records counted in removed.json, never a crash)
       -> method (methods.py: sft / dpo / classify) -> loop -> OUT/checkpoint.pt, metrics.jsonl
 
-The output checkpoint has the keys `gristmill sample` reads (model, gpt_config, tokenizer_json,
+The output checkpoint has the keys `gristmill sample` reads (model, model_config, tokenizer_json,
 eos_id) plus the chat template, the method, and for `classify` the head and its labels; beside it
-`tokenizer.json` and `tokenizer_config.json` (with `chat_template`) for an exported model.
+`tokenizer.json` and `tokenizer_config.json` (with `chat_template`), as `gristmill export` writes them.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 
+from gristmill.model.export import write_tokenizer
 from gristmill.model.finetune.config import FinetuneConfig
 from gristmill.model.finetune.data import (
     CHAT_TEMPLATE,
@@ -63,12 +63,15 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # ---- input model and data
-    gpt, tokenizer, source = load_model(input_checkpoint, device)
+    net, tokenizer, source = load_model(input_checkpoint, device)
     if tokenizer is None or source.get("eos_id") is None:
         raise ValueError(f"{checkpoint_path(input_checkpoint)}: fine-tuning needs a checkpoint with a tokenizer and an EOS id")
     if source.get("method") == "classify":
         raise ValueError(f"{checkpoint_path(input_checkpoint)}: a classifier checkpoint cannot be fine-tuned further")
-    eos_id, seq_len = source["eos_id"], gpt.config.seq_len
+    if config.method != "classify" and net.config.architecture != "decoder":
+        raise ValueError(f"{checkpoint_path(input_checkpoint)}: {config.method} needs a decoder checkpoint, "
+                         f"this one is an {net.config.architecture}")
+    eos_id, seq_len = source["eos_id"], net.config.seq_len
     removed = Removed()
     train_examples, holdout_examples = encode_records(
         config.method, read_records(data, removed), tokenizer, eos_id, seq_len, config.holdout_fraction, removed,
@@ -84,24 +87,24 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
                                        "examples": removed.examples}, indent=1).encode(), out_dir / REMOVED_FILE)
 
     # ---- method, optimiser, resume
-    gpt.train()
+    net.train()
     torch.manual_seed(config.seed)  # the classification head's initial weights
     if config.method == "sft":
-        method = SFT(gpt, train_split, holdout_split, device)
+        method = SFT(net, train_split, holdout_split, device)
     elif config.method == "dpo":
-        method = DPO(gpt, train_split, holdout_split, device, config.beta)  # reference: input model
+        method = DPO(net, train_split, holdout_split, device, config.beta)  # reference: input model
     else:
-        method = Classify(gpt, train_split, holdout_split, device, labels, config.pooling)
-    optimizer = gpt.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+        method = Classify(net, train_split, holdout_split, device, labels, config.pooling)
+    optimizer = net.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                          device.type)
-    if method.module is not gpt:
+    if method.module is not net:
         optimizer.add_param_group({"params": list(method.module.head.parameters()), "weight_decay": 0.0})
     torch.manual_seed(config.seed + rank)
     checkpoint_file = out_dir / CHECKPOINT_FILE
     step = 0
     if resume:
         state = load_checkpoint(checkpoint_file, device)
-        gpt.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         if state.get("classifier") is not None:
             method.module.head.load_state_dict(state["classifier"])
         optimizer.load_state_dict(state["optimizer"])
@@ -173,8 +176,8 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
                 if master:
                     save_checkpoint(checkpoint_file, method, optimizer, step, rng_states, config, source)
             progress.update(task, completed=step)
-    if master:
-        write_tokenizer_files(out_dir, tokenizer, eos_id)
+    if master:  # what `transformers` reads, the chat template included (the export writes the same)
+        write_tokenizer(tokenizer, eos_id, seq_len, out_dir, CHAT_TEMPLATE if config.method != "classify" else None)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -186,13 +189,13 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
 def save_checkpoint(path: Path, method, optimizer, step: int, rng_states, config: FinetuneConfig, source: dict) -> None:
     """What `gristmill sample` and a resume need, as tensors and plain containers (weights_only load)."""
     state = {
-        "model": method.gpt.state_dict(),
+        "model": method.net.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "rng": rng_states,
         "config": config.model_dump(),
         "method": config.method,
-        "gpt_config": source["gpt_config"],
+        "model_config": source["model_config"],
         "eos_id": source["eos_id"],
         "tokenizer_json": source["tokenizer_json"],
         "chat_template": CHAT_TEMPLATE if config.method != "classify" else source.get("chat_template"),
@@ -202,13 +205,3 @@ def save_checkpoint(path: Path, method, optimizer, step: int, rng_states, config
     buffer = bytes_io.BytesIO()
     torch.save(state, buffer)
     write_bytes_atomic(buffer.getvalue(), path)
-
-
-def write_tokenizer_files(out_dir: Path, tokenizer: Tokenizer, eos_id: int) -> None:
-    """`tokenizer.json` and a `tokenizer_config.json` whose `chat_template` is the training format,
-    so `transformers`' `apply_chat_template` renders chats exactly as the model saw them."""
-    eos_token = tokenizer.id_to_token(eos_id)
-    write_bytes_atomic(tokenizer.to_str().encode(), out_dir / "tokenizer.json")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
-              "chat_template": CHAT_TEMPLATE}
-    write_bytes_atomic(json.dumps(config, indent=1).encode(), out_dir / "tokenizer_config.json")

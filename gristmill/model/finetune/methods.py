@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gristmill.model.finetune.data import Rows, Split
 from gristmill.model.finetune.objectives import Classifier, dpo_loss, sequence_logps, sft_loss, unwrap
-from gristmill.model.model import GPT
+from gristmill.model.model import Transformer
 
 
 def batch_tensors(rows: Rows, lengths: np.ndarray, indices: np.ndarray, device: torch.device):
@@ -36,8 +36,8 @@ def chunks(n: int, size: int = EVAL_ROWS):
 class SFT:
     """Next-token loss on assistant tokens, examples packed several to a row."""
 
-    def __init__(self, gpt: GPT, train: Split, holdout: Split, device: torch.device):
-        self.module, self.gpt, self.train, self.holdout = gpt, gpt, train, holdout
+    def __init__(self, net: Transformer, train: Split, holdout: Split, device: torch.device):
+        self.module, self.net, self.train, self.holdout = net, net, train, holdout
         self.device = device
 
     def loss(self, model: nn.Module, indices: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -62,10 +62,10 @@ class DPO:
     """DPO on (chosen, rejected) replies; the reference is the input model, frozen: its
     log-probabilities are computed once, before the first step."""
 
-    def __init__(self, gpt: GPT, train: Split, holdout: Split, device: torch.device, beta: float):
-        self.module, self.gpt, self.train, self.holdout = gpt, gpt, train, holdout
+    def __init__(self, net: Transformer, train: Split, holdout: Split, device: torch.device, beta: float):
+        self.module, self.net, self.train, self.holdout = net, net, train, holdout
         self.device, self.beta = device, beta
-        self.reference = {name: self.split_logps(gpt, split) for name, split in (("train", train), ("holdout", holdout))}
+        self.reference = {name: self.split_logps(net, split) for name, split in (("train", train), ("holdout", holdout))}
 
     @torch.no_grad()
     def split_logps(self, model: nn.Module, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,7 @@ class DPO:
         """Chosen and rejected log-likelihoods in one forward (2B rows)."""
         cx, cy, _ = batch_tensors(split.chosen_rows, split.lengths, indices, self.device)
         rx, ry, _ = batch_tensors(split.rows, split.lengths, indices, self.device)
-        logps = sequence_logps(model, self.gpt, torch.cat([cx, rx]), torch.cat([cy, ry]))
+        logps = sequence_logps(model, self.net, torch.cat([cx, rx]), torch.cat([cy, ry]))
         return logps[: len(indices)], logps[len(indices) :]
 
     def loss(self, model: nn.Module, indices: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -105,11 +105,11 @@ class DPO:
 class Classify:
     """A linear head on the pooled hidden states, trained together with the whole model."""
 
-    def __init__(self, gpt: GPT, train: Split, holdout: Split, device: torch.device,
+    def __init__(self, net: Transformer, train: Split, holdout: Split, device: torch.device,
                  labels: list[str], pooling: str):
-        self.gpt, self.train, self.holdout = gpt, train, holdout
+        self.net, self.train, self.holdout = net, train, holdout
         self.device, self.labels = device, labels
-        self.module = Classifier(gpt, len(labels), pooling).to(device)
+        self.module = Classifier(net, len(labels), pooling).to(device)
 
     def logits(self, model: nn.Module, split: Split, indices: np.ndarray) -> torch.Tensor:
         x, _, _ = batch_tensors(split.rows, split.lengths, indices, self.device)

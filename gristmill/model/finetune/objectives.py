@@ -1,8 +1,9 @@
 """Fine-tuning losses: masked next-token loss (sft), DPO against a frozen reference, and a
 classification head on the pooled final hidden states.
 
-`GPT.forward` without targets computes logits for the last position only, so the full final
-hidden states are caught with a forward hook on the final norm: the model file stays as it is.
+A decoder's `Transformer.forward` without targets computes logits for the last position only, so
+the full final hidden states are caught with a forward hook on the decoder stack's output: the
+model file stays as it is. An encoder's come from `Transformer.encode`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gristmill.model.model import GPT
+from gristmill.model.model import Transformer
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -19,12 +20,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def final_hidden_states(model: nn.Module, gpt: GPT, idx: torch.Tensor, document_ids: torch.Tensor | None = None
+def final_hidden_states(model: nn.Module, net: Transformer, idx: torch.Tensor, document_ids: torch.Tensor | None = None
                         ) -> torch.Tensor:
-    """(B, T, n_embd) output of `gpt`'s final norm for `idx`, running the forward through `model`
-    (the GPT itself or its DDP wrapper, so gradients are synchronised)."""
+    """(B, T, n_embd) output of decoder `net`'s last layer and norm for `idx`, running the forward
+    through `model` (`net` itself or its DDP wrapper, so gradients are synchronised)."""
     captured: list[torch.Tensor] = []
-    handle = gpt.norm_f.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    handle = net.decoder.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
         model(idx, document_ids=document_ids)
     finally:
@@ -38,9 +39,9 @@ def sft_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, document_ids: t
     return loss
 
 
-def sequence_logps(model: nn.Module, gpt: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def sequence_logps(model: nn.Module, net: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) summed log-probabilities of each row's scored targets (y != -1): a reply's log-likelihood."""
-    logits = gpt.lm_head(final_hidden_states(model, gpt, x)).float()
+    logits = net.lm_head(final_hidden_states(model, net, x)).float()
     scored = y != -1
     picked = torch.gather(logits.log_softmax(-1), -1, y.clamp(min=0)[..., None]).squeeze(-1)
     return (picked * scored).sum(-1)
@@ -65,19 +66,25 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 
 
 class Classifier(nn.Module):
-    """A pre-trained GPT plus a linear head on each row's pooled final hidden states: `mean` over
-    the text's tokens, or `last`, the last real token's state (causal attention: it has seen the
-    whole text, and padding after it cannot change it)."""
+    """A pre-trained decoder or encoder plus a linear head on each row's pooled final hidden
+    states: `mean` over the text's tokens, or `last`, the last real token's state (in a decoder it
+    has seen the whole text, and padding after it cannot change it). An encoder's padding is
+    attended to, like BERT without an attention mask; texts of a batch are of similar length."""
 
-    def __init__(self, gpt: GPT, num_labels: int, pooling: str = "mean"):
+    def __init__(self, net: Transformer, num_labels: int, pooling: str = "mean"):
         super().__init__()
-        self.gpt, self.pooling = gpt, pooling
-        self.head = nn.Linear(gpt.config.n_embd, num_labels)
+        if net.config.architecture == "encoder_decoder":
+            raise ValueError("classify needs a decoder or an encoder checkpoint, not an encoder-decoder")
+        self.net, self.pooling = net, pooling
+        self.head = nn.Linear(net.config.n_embd, num_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = final_hidden_states(self.gpt, self.gpt, idx)
+        if self.net.config.architecture == "encoder":
+            hidden = self.net.encode(idx)
+        else:
+            hidden = final_hidden_states(self.net, self.net, idx)
         if self.pooling == "last":
             pooled = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
         else:

@@ -37,7 +37,7 @@ def finetune_stage(ctx: StageContext) -> StageResult:
     data = [p for p in ctx.input_files() if p.suffix == ".jsonl"] + ctx.input_parts()
     if not data:
         raise ValueError(f"stage {ctx.name!r}: no .jsonl or .parquet records among its inputs {ctx.config.input}")
-    settings = FinetuneConfig.model_validate(ctx.config.model_dump(exclude={"type", "input"}))
+    settings = FinetuneConfig.model_validate(ctx.config.own_settings())
     resume = (ctx.stage_dir / CHECKPOINT_FILE).is_file()
     # a stage named by upstream `train`/`finetune` carries its checkpoint; any other upstream stage is data
     summary = finetune(settings, models[0], data, ctx.stage_dir, resume=resume)
