@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -227,6 +229,15 @@ def test_bad_records_are_counted_and_kept_out(tmp_path, base):
     summary, _ = run(tmp_path, base, "classify", labelled, max_steps=3, holdout_fraction=0.3)
     assert json.loads((tmp_path / "classify" / "removed.json").read_text())["reasons"] == {
         "label 'es' not among the training labels": 1}
+
+
+def test_classify_reads_parquet_records_with_another_label_column(tmp_path, base):
+    table = pa.Table.from_pylist([{"text": r["text"], "site": r["label"]} for r in records("classify")[::2]])
+    pq.write_table(table, tmp_path / "labelled.parquet")
+    summary, metrics = run(tmp_path, base, "classify", tmp_path / "labelled.parquet", max_steps=3, label_key="site",
+                           eval_every=3)
+    assert summary["labels"] == ["handbook", "postgresql", "python"] and summary["removed"] == 0
+    assert "val_confusion" in metrics[-1]
 
 
 def test_settings_errors_name_the_key(base, tmp_path):

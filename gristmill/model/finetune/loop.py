@@ -111,6 +111,8 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
         step = state["step"]
         if len(state["rng"]["torch"]) == world_size:
             torch.set_rng_state(state["rng"]["torch"][rank].cpu())
+            if device.type == "cuda" and state["rng"]["cuda"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"][rank].cpu(), device)
     if master:
         keep_records(out_dir / METRICS_FILE, step)
     model = DistributedDataParallel(method.module) if ddp else method.module
@@ -146,7 +148,7 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
                     loss = loss / config.grad_accum
                 loss_sum += loss.detach()
                 for key, value in metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0) + value / config.grad_accum
+                    metric_sums[key] = metric_sums.get(key, torch.zeros((), device=device)) + value / config.grad_accum
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(method.module.parameters(), config.grad_clip or math.inf)
             stop_if_not_finite(step, {"loss": loss_sum, "gradient norm": grad_norm}, ddp, last_finite,
@@ -160,9 +162,10 @@ def finetune(config: FinetuneConfig, input_checkpoint: str | Path, data: list[Pa
             is_last = step == last_step
             evaluation = method.evaluate(model) if step % config.eval_every == 0 or is_last else {}
             if step % config.log_every == 0 or is_last or evaluation or step == 1:
-                if ddp:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world_size
+                if ddp:  # every process's average, not rank 0's alone
+                    for value in [loss_sum, *metric_sums.values()]:
+                        dist.all_reduce(value)
+                        value /= world_size
                 record = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
                           "examples_per_sec": examples * world_size / elapsed, "memory_mb": memory_mb(device)}
                 record |= {key: value.item() for key, value in metric_sums.items()} | evaluation
