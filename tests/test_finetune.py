@@ -36,7 +36,7 @@ from gristmill.model.finetune.data import (
     shifted,
 )
 from gristmill.model.finetune.loop import finetune
-from gristmill.model.finetune.objectives import dpo_loss
+from gristmill.model.finetune.objectives import dpo_loss, sequence_logps
 from gristmill.model.loop import train
 from gristmill.model.sample import load_checkpoint, load_model
 from gristmill.pipeline.runner import run_workflow
@@ -127,6 +127,18 @@ def test_dpo_loss_equals_a_hand_computed_value():
     assert metrics["reward_accuracy"].item() == 0.5  # pair 2's rewards tie: not counted as right
     assert metrics["reward_margin"].item() == pytest.approx(0.5)
     assert metrics["logp_margin"].item() == pytest.approx((2.0 - 1.0) / 2)
+
+
+def test_reply_log_likelihood_sums_the_reply_tokens_log_probabilities(base):
+    model, _, _ = load_model(base)
+    x = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))
+    y[:, :8] = -1  # the prompt
+    y[2, 15:] = -1  # padding
+    logits, _ = model(x, y.clamp(min=0))
+    full = logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    expected = (full * (y != -1)).sum(-1)
+    torch.testing.assert_close(sequence_logps(model, model, x, y), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_dpo_raises_held_out_reward_accuracy_above_half(tmp_path, base):

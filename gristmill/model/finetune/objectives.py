@@ -40,11 +40,13 @@ def sft_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, document_ids: t
 
 
 def sequence_logps(model: nn.Module, net: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,) summed log-probabilities of each row's scored targets (y != -1): a reply's log-likelihood."""
-    logits = net.lm_head(final_hidden_states(model, net, x)).float()
+    """(B,) summed log-probabilities of each row's scored targets (y != -1): a reply's log-likelihood.
+    Logits are computed at the scored positions only (the replies), not over the prompts and padding."""
+    hidden = final_hidden_states(model, net, x)
     scored = y != -1
-    picked = torch.gather(logits.log_softmax(-1), -1, y.clamp(min=0)[..., None]).squeeze(-1)
-    return (picked * scored).sum(-1)
+    logits = net.lm_head(hidden[scored]).float()  # (N, vocab), N = scored tokens of the batch
+    picked = logits.gather(-1, y[scored][:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return torch.zeros(x.size(0), device=x.device).index_add(0, scored.nonzero()[:, 0], picked)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
