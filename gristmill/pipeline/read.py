@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, source_stage
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
@@ -54,13 +53,7 @@ def list_read_units(ctx: StageContext) -> list[list[tuple[str, str]]]:
     units: list[list[tuple[str, str]]] = []
     text_group: list[tuple[str, str]] = []
     for path in ctx.input_files():
-        try:
-            source = os.path.relpath(path, ctx.workflow_dir)
-        except ValueError:  # another drive on Windows
-            source = str(path)
-        if source.startswith(".."):
-            source = str(path.resolve())
-        entry = (str(path), source)
+        entry = (str(path), _source_name(path, ctx.workflow_dir))
         if file_format(path, config.format) == "text":
             text_group.append(entry)
             if len(text_group) == config.files_per_part:
@@ -71,6 +64,17 @@ def list_read_units(ctx: StageContext) -> list[list[tuple[str, str]]]:
     if text_group:
         units.append(text_group)
     return units
+
+
+def _source_name(path: storage.Location, workflow_dir: Path) -> str:
+    """A file's name relative to the workflow folder (a URL as it is), so ids survive a moved checkout."""
+    if storage.is_remote(path):
+        return str(path)
+    try:
+        source = os.path.relpath(path, workflow_dir)
+    except ValueError:  # another drive on Windows
+        source = str(path)
+    return str(path.resolve()) if source.startswith("..") else source
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
@@ -89,8 +93,9 @@ def _document(doc_id: str, text: str | None, source: str, url: str | None = None
 
 
 def _read_jsonl(path: str, source: str, config: ReadConfig, kept: list, removed: list, reasons: list) -> None:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
+    with storage.open_binary(path) as raw_stream, (
+        gzip.open(raw_stream) if path.endswith(".gz") else raw_stream
+    ) as handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -119,7 +124,7 @@ def _read_jsonl(path: str, source: str, config: ReadConfig, kept: list, removed:
 
 
 def _read_parquet(path: str, source: str, config: ReadConfig, kept: list, removed: list, reasons: list) -> None:
-    table = pq.read_table(path)
+    table = storage.read_parquet(path)
     if config.text_key not in table.column_names:
         raise ValueError(f"{path}: no column {config.text_key!r} (columns: {', '.join(table.column_names)}); set `text_key`")
     texts = table.column(config.text_key).to_pylist()
@@ -137,7 +142,7 @@ def _read_parquet(path: str, source: str, config: ReadConfig, kept: list, remove
 
 
 def _read_text(path: str, source: str, kept: list, removed: list, reasons: list) -> None:
-    data = Path(path).read_bytes()
+    data = storage.location(path).read_bytes()
     doc_id = io.document_id(source, 0)
     try:
         kept.append(_document(doc_id, data.decode("utf-8"), source))

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gristmill import DATA_DIR
+from gristmill.pipeline import storage
 from gristmill.pipeline.io import expand_paths
 from gristmill.pipeline.registry import load_builtin_stages
 from gristmill.pipeline.stage import StageConfig
@@ -258,8 +259,10 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
     return workflow
 
 
-def resolve_input_path(entry: str, workflow_dir: Path) -> Path:
-    """A path input relative to the workflow file's folder (absolute paths stay as they are)."""
+def resolve_input_path(entry: str, workflow_dir: Path) -> storage.Location:
+    """A path input relative to the workflow file's folder (absolute paths and URLs stay as they are)."""
+    if storage.is_url(entry):
+        return storage.location(entry)
     p = Path(os.path.expanduser(entry))
     return p if p.is_absolute() else workflow_dir / p
 

@@ -31,10 +31,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.dedup import minhash as mh
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
@@ -120,7 +119,7 @@ class Plan:
 
     @property
     def work(self) -> Path:
-        return Path(self.stage_dir) / "work"
+        return storage.location(self.stage_dir) / "work"
 
 
 def _key(part: int, rows: np.ndarray) -> np.ndarray:
@@ -136,11 +135,11 @@ def _row_of(keys: np.ndarray) -> np.ndarray:
 
 
 def _read_documents(path: str, columns: list[str]) -> pa.Table:
-    schema = pq.read_schema(path)
+    schema = storage.parquet_schema(path)
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise ValueError(f"dedup: {path} has no column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})")
-    return pq.read_table(path, columns=columns)
+    return storage.read_parquet(path, columns=columns)
 
 
 def _flat(column: pa.ChunkedArray) -> pa.Array:
@@ -158,7 +157,7 @@ def sign_part(item: tuple[int, str], plan: Plan) -> dict[str, Any]:
     part, path = item
     started = time.perf_counter()
     config = plan.config
-    with_url = "url" in pq.read_schema(path).names
+    with_url = "url" in storage.parquet_schema(path).names
     table = _read_documents(path, ["id", "text"] + (["url"] if with_url else []))
     n = table.num_rows
     texts = _flat(table.column("text"))
@@ -191,11 +190,11 @@ def sign_part(item: tuple[int, str], plan: Plan) -> dict[str, Any]:
         has_shingles = np.diff(offsets) > 0
         no_shingles = int(n - has_shingles.sum())
         if config.verify == "signature":
-            np.save(plan.work / "signatures" / f"part-{part:05d}.npy", signatures)
+            storage.save_array(signatures, plan.work / "signatures" / f"part-{part:05d}.npy")
         if config.verify == "jaccard":  # read back, a few rows at a time, by the verify step
-            np.save(plan.work / "shingles" / f"part-{part:05d}.npy", shingle_hashes)
-            np.save(plan.work / "shingles" / f"offsets-{part:05d}.npy", offsets)
-        np.save(plan.work / "bands" / f"part-{part:05d}.npy", bands)
+            storage.save_array(shingle_hashes, plan.work / "shingles" / f"part-{part:05d}.npy")
+            storage.save_array(offsets, plan.work / "shingles" / f"offsets-{part:05d}.npy")
+        storage.save_array(bands, plan.work / "bands" / f"part-{part:05d}.npy")
         signed = np.flatnonzero(has_shingles)
         band_ids.append(np.tile(np.arange(plan.bands, dtype=np.int16), len(signed)))
         hashes.append(bands[signed].reshape(-1))
@@ -231,7 +230,7 @@ def group_bucket(bucket: int, plan: Plan) -> dict[str, np.ndarray]:
              "seen_key": np.zeros(0, np.int64), "seen_id": np.zeros(0, object)}
     if not files:
         return empty
-    rows = pa.concat_tables(pq.read_table(f) for f in files)
+    rows = pa.concat_tables(storage.read_parquet(f) for f in files)
     groups = rows.group_by(["band", "hash"]).aggregate([("key", "min"), ("key", "count")])
     groups = groups.filter(pc.greater(groups.column("key_count"), 1)).drop_columns(["key_count"])
     members = rows.join(groups, keys=["band", "hash"], join_type="inner")
@@ -241,9 +240,9 @@ def group_bucket(bucket: int, plan: Plan) -> dict[str, np.ndarray]:
     result["v"] = members.column("key").to_numpy()
     result["verify"] = members.column("band").to_numpy() >= 0
     if plan.earlier_index:
-        index_files = io.list_parts(Path(plan.earlier_index) / f"bucket-{bucket:05d}")
+        index_files = io.list_parts(storage.location(plan.earlier_index) / f"bucket-{bucket:05d}")
         if index_files:
-            index = pa.concat_tables(pq.read_table(f) for f in index_files)
+            index = pa.concat_tables(storage.read_parquet(f) for f in index_files)
             earliest = index.group_by(["band", "hash"]).aggregate([("id", "min")])
             seen = rows.join(earliest, keys=["band", "hash"], join_type="inner")
             result["seen_key"] = seen.column("key").to_numpy()
@@ -266,7 +265,7 @@ def verify_edges(item: tuple[int, np.ndarray, np.ndarray], plan: Plan) -> np.nda
             out = np.empty((len(keys), config.num_perm), np.uint32)
             for p in np.unique(_part_of(keys)):
                 if p not in loaded:
-                    loaded[p] = np.load(plan.work / "signatures" / f"part-{p:05d}.npy", mmap_mode="r")
+                    loaded[p] = storage.load_array(plan.work / "signatures" / f"part-{p:05d}.npy")
                 mask = _part_of(keys) == p
                 out[mask] = loaded[p][_row_of(keys[mask])]
             return out
@@ -284,8 +283,8 @@ def _shingles_of(keys: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     pieces, counts = [], []
     for p in np.unique(_part_of(keys)):
         rows = _row_of(keys[_part_of(keys) == p])
-        hashes = np.load(plan.work / "shingles" / f"part-{p:05d}.npy", mmap_mode="r")
-        offsets = np.load(plan.work / "shingles" / f"offsets-{p:05d}.npy")
+        hashes = storage.load_array(plan.work / "shingles" / f"part-{p:05d}.npy")
+        offsets = storage.load_array(plan.work / "shingles" / f"offsets-{p:05d}.npy")
         lengths = offsets[rows + 1] - offsets[rows]
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         pieces.append(np.asarray(hashes[np.repeat(offsets[rows], lengths) + within]))
@@ -372,7 +371,7 @@ def _document_facts(keys: np.ndarray, plan: Plan) -> pa.Table:
     """id, length, exact and URL hash of `keys` (sorted), from the sign step's per-part files."""
     pieces = []
     for p in np.unique(_part_of(keys)):
-        table = pq.read_table(plan.work / "docs" / io.part_name(int(p)))
+        table = storage.read_parquet(plan.work / "docs" / io.part_name(int(p)))
         pieces.append(table.take(pa.array(_row_of(keys[_part_of(keys) == p]))))
     if not pieces:
         return pa.table({"id": pa.array([], pa.string()), "length": pa.array([], pa.int64()),
@@ -388,7 +387,7 @@ def write_part(item: tuple[int, str, pa.Table, list[int]], plan: Plan) -> dict[s
     """Write `kept/` and `removed/` for one input part, its survivors into `index/`, and return
     the counts and the sampled documents that live in this part."""
     part, path, decisions, sample_keys = item
-    table = pq.read_table(path)
+    table = storage.read_parquet(path)
     n = table.num_rows
     rows = _row_of(decisions.column("key").to_numpy())
     cluster = np.full(n, None, dtype=object)
@@ -408,8 +407,9 @@ def write_part(item: tuple[int, str, pa.Table, list[int]], plan: Plan) -> dict[s
     removed = io.with_reason(table.filter(pa.array(removed_mask)), [r for r in reason if r is not None])
     if "reason" in kept.column_names:
         kept = kept.drop_columns(["reason"])
-    io.write_parquet_atomic(kept, Path(plan.stage_dir) / io.KEPT / io.part_name(part))
-    io.write_parquet_atomic(removed, Path(plan.stage_dir) / io.REMOVED / io.part_name(part))
+    stage_dir = storage.location(plan.stage_dir)
+    io.write_parquet_atomic(kept, stage_dir / io.KEPT / io.part_name(part))
+    io.write_parquet_atomic(removed, stage_dir / io.REMOVED / io.part_name(part))
     _index_survivors(part, np.flatnonzero(~removed_mask), table.column("id"), plan)
     counts: dict[str, int] = {}
     for r in reason[removed_mask]:
@@ -427,7 +427,7 @@ def write_part(item: tuple[int, str, pa.Table, list[int]], plan: Plan) -> dict[s
 
 def _index_survivors(part: int, rows: np.ndarray, ids: pa.ChunkedArray, plan: Plan) -> None:
     """Append the kept documents' hashes to `index/bucket-B/batch-NNNN-part-PPPPP.parquet`."""
-    docs = pq.read_table(plan.work / "docs" / io.part_name(part))
+    docs = storage.read_parquet(plan.work / "docs" / io.part_name(part))
     band_ids, hashes, doc_rows = [], [], []
     if plan.config.exact:
         band_ids.append(np.full(len(rows), EXACT_BAND, np.int16))
@@ -439,8 +439,8 @@ def _index_survivors(part: int, rows: np.ndarray, ids: pa.ChunkedArray, plan: Pl
         hashes.append(url[url != 0])
         doc_rows.append(rows[url != 0])
     bands_file = plan.work / "bands" / f"part-{part:05d}.npy"
-    if plan.config.near and bands_file.exists():
-        bands = np.load(bands_file)[rows]
+    if plan.config.near and storage.is_published(bands_file):
+        bands = storage.load_array(bands_file)[rows]
         band_ids.append(np.tile(np.arange(plan.bands, dtype=np.int16), len(rows)))
         hashes.append(bands.reshape(-1))
         doc_rows.append(np.repeat(rows, plan.bands))
@@ -453,7 +453,7 @@ def _index_survivors(part: int, rows: np.ndarray, ids: pa.ChunkedArray, plan: Pl
         mask = bucket == b
         io.write_parquet_atomic(
             pa.table({"band": band[mask], "hash": hashes[mask], "id": id_values.filter(pa.array(mask))}),
-            Path(plan.stage_dir) / "index" / f"bucket-{int(b):05d}" / f"batch-{plan.batch:04d}-{io.part_name(part)}",
+            storage.location(plan.stage_dir) / "index" / f"bucket-{int(b):05d}" / f"batch-{plan.batch:04d}-{io.part_name(part)}",
         )
 
 
@@ -517,9 +517,9 @@ def dedup(ctx: StageContext) -> StageResult:
     plan = Plan(config, bands, rows, buckets, str(ctx.stage_dir), str(earlier) if earlier else None,
                 batch=meta.get("batches", 0) + 1)
     for folder in ("work", "index", io.KEPT, io.REMOVED):
-        shutil.rmtree(ctx.stage_dir / folder, ignore_errors=True)
+        storage.remove_tree(ctx.stage_dir / folder)
     for folder in ("docs", "shuffle", "signatures", "shingles", "bands"):
-        (plan.work / folder).mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(plan.work / folder)
 
     signed = ctx.map(functools.partial(sign_part, plan=plan), list(enumerate(parts)), f"{ctx.name}: sign")
     timings["sign"] = time.perf_counter() - clock
@@ -568,7 +568,7 @@ def dedup(ctx: StageContext) -> StageResult:
                          ctx.stage_dir / "index" / "meta.json")
     if earlier is not None:
         _link_earlier_index(earlier, ctx.stage_dir / "index")
-    shutil.rmtree(plan.work, ignore_errors=True)
+    storage.remove_tree(plan.work)
     timings["write"] = time.perf_counter() - clock
 
     n_in = sum(s["rows"] for s in signed)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gristmill.pipeline import storage
+
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz")
 DOCUMENT_RECORD_TYPES = ("response", "resource", "conversion")
 
@@ -74,7 +76,7 @@ def _mime_type(value: str | None) -> str | None:
 def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int) -> Iterator[ArchiveRecord]:
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-    with open(path, "rb") as stream:
+    with storage.open_binary(path) as stream:
         stream.seek(start)
         records = iter(ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=False))
         position = start
@@ -116,7 +118,7 @@ def _gzip_members_complete(path: str, offset: int) -> bool:
     """Whether every gzip member from `offset` (a record boundary) to the end of the file is whole.
     FastWARC stops quietly at a member that was cut off; this tells a short file from a cut one.
     Files that are not gzip are always complete here (their cuts show as short records)."""
-    with open(path, "rb") as stream:
+    with storage.open_binary(path) as stream:
         if stream.read(2) != b"\x1f\x8b":
             return True
         stream.seek(offset)
@@ -179,7 +181,7 @@ def _warc_record(path: str, record, kind: str, max_payload_bytes: int) -> Archiv
 def _iter_arc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int) -> Iterator[ArchiveRecord]:
     from warcio.archiveiterator import ArchiveIterator
 
-    with open(path, "rb") as stream:
+    with storage.open_binary(path) as stream:
         stream.seek(start)
         iterator = ArchiveIterator(stream, arc2warc=True)
         records = iter(iterator)

@@ -29,7 +29,7 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 from resiliparse.parse.html import HTMLTree
 
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.extract import langid
 from gristmill.pipeline.extract.archive import ArchiveRecord, is_archive_file, iter_records, read_record
 from gristmill.pipeline.extract.text import normalize_text
@@ -101,7 +101,7 @@ def list_extract_units(ctx: StageContext) -> list[str]:
                     f"stage {ctx.name!r}: input {entry.name!r} is a {entry.stage_type!r} stage; extract reads "
                     "WARC/WET/ARC files or a `crawl` stage"
                 )
-            files.extend(str(p.resolve()) for p in sorted((entry.stage_dir / "warc").glob("*.warc.gz")))
+            files.extend(_file_name(p) for p in sorted((entry.stage_dir / "warc").glob("*.warc.gz")))
             continue
         if not entry.files:
             raise ValueError(f"stage {ctx.name!r}: input {entry.name!r} matches no files")
@@ -111,8 +111,13 @@ def list_extract_units(ctx: StageContext) -> list[str]:
                     f"stage {ctx.name!r}: {path} is not a WARC, WET or ARC file (expected a name ending in "
                     ".warc, .warc.gz, .wet, .wet.gz, .arc or .arc.gz); narrow the glob in `input`"
                 )
-            files.append(str(path.resolve()))
+            files.append(_file_name(path))
     return files
+
+
+def _file_name(path: storage.Location) -> str:
+    """An absolute local path, or a URL as it is: what workers open and `source` records."""
+    return str(path) if storage.is_remote(path) else str(path.resolve())
 
 
 def decode_html(payload: bytes, declared_charset: str | None) -> tuple[str, str]:
