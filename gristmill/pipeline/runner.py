@@ -133,8 +133,9 @@ def dask_client(workflow: Workflow, scheduler: str | None, console: Console) -> 
         return
     from distributed import Client, LocalCluster
 
-    if address:
-        client = Client(address)
+    if address or settings.scheduler_file:
+        client = Client(address) if address else Client(scheduler_file=settings.scheduler_file)
+        address = address or client.scheduler.address
         link = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
         console.print(f"[dim]dask: connected to {address}" + (f", dashboard {link}" if link else "") + "[/dim]")
         try:

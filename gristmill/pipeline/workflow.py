@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from gristmill import DATA_DIR
 from gristmill.pipeline import storage
@@ -42,11 +42,20 @@ class WorkflowError(ValueError):
 
 class DaskSettings(BaseModel):
     """Where stages run. `scheduler`: unset for a LocalCluster sized to the machine,
-    `synchronous` for in-process execution (debugging, small tests), or `tcp://host:port`."""
+    `synchronous` for in-process execution (debugging, small tests), or `tcp://host:port`.
+    `scheduler_file`: the JSON file `dask scheduler --scheduler-file` writes (a cluster of several
+    machines, dask-jobqueue, HPC launchers); it is read when the run starts."""
 
     model_config = ConfigDict(extra="forbid")
 
     scheduler: str | None = None
+    scheduler_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_connect(self) -> DaskSettings:
+        if self.scheduler and self.scheduler_file:
+            raise ValueError("set either `scheduler` or `scheduler_file`, not both")
+        return self
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str = "auto"
