@@ -90,31 +90,65 @@ def short_quickstart(path: Path, warcs: str) -> Path:
     return path
 
 
-def test_quickstart_with_its_run_folder_on_s3_gives_parts_byte_identical_to_a_local_run(s3, crawled_warcs, tmp_path):
-    bucket = s3.bucket()
+@dataclass
+class TwoRuns:
+    workflow: Path
+    local: Path
+    remote: storage.Location
+
+
+@pytest.fixture(scope="module")
+def quickstart_on_s3(s3, crawled_warcs, tmp_path_factory) -> TwoRuns:
+    """The short quickstart run twice on the same WARC files in S3: run folder on local disk, then on S3."""
+    bucket, tmp_path = s3.bucket(), tmp_path_factory.mktemp("s3-quickstart")
     s3.fs.put([str(p) for p in crawled_warcs], f"{bucket}/crawl/")
     workflow = short_quickstart(tmp_path / "quickstart.yaml", f"s3://{bucket}/crawl/*.warc.gz")
-
     local = run_workflow(workflow, runs_dir=tmp_path / "runs", scheduler="synchronous", console=QUIET)
     remote = run_workflow(workflow, runs_dir=f"s3://{bucket}/runs", scheduler="synchronous", console=QUIET)
+    return TwoRuns(workflow, local, remote)
 
-    assert str(remote) == f"s3://{bucket}/runs/quickstart"
+
+def test_quickstart_with_its_run_folder_on_s3_gives_parts_byte_identical_to_a_local_run(s3, quickstart_on_s3):
+    local, remote = quickstart_on_s3.local, quickstart_on_s3.remote
+    assert str(remote).startswith("s3://") and str(remote).endswith("/runs/quickstart")
     for stage in ("extract", "filter", "dedup", "pii"):
         local_parts, remote_parts = part_bytes(local / stage), part_bytes(remote / stage)
         assert local_parts and local_parts == remote_parts, stage
         assert io.read_json(remote / stage / io.DONE_FILE)["counts"] == io.read_json(local / stage / io.DONE_FILE)["counts"]
     assert io.read_json(remote / "extract" / io.DONE_FILE)["counts"]["in"] > 200
-    assert not s3.fs.exists(f"{bucket}/runs/quickstart/dedup/work")  # the shuffle's scratch files are gone
+    assert not s3.fs.exists(f"{remote.path}/dedup/work")  # the shuffle's scratch files are gone
 
-    statuses = run_status(f"s3://{bucket}/runs/quickstart")
+    again = run_workflow(quickstart_on_s3.workflow, runs_dir=remote.parent, scheduler="synchronous", console=QUIET)
+    assert io.read_json(again / "pii" / io.DONE_FILE) == io.read_json(remote / "pii" / io.DONE_FILE)  # skipped
+
+
+def test_gristmill_status_reads_a_run_folder_on_s3(s3, quickstart_on_s3):
+    remote = quickstart_on_s3.remote
+    statuses = run_status(str(remote))
     assert [(s.name, s.state) for s in statuses] == [(n, "done") for n in ("extract", "filter", "dedup", "pii")]
-    shown = subprocess.run([*GRISTMILL, "status", f"s3://{bucket}/runs/quickstart"], cwd=REPO,
+    shown = subprocess.run([*GRISTMILL, "status", str(remote)], cwd=REPO,
                            env={**subprocess_env(s3), "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.count("done") == 4
+    pii = io.read_json(remote / "pii" / io.DONE_FILE)["counts"]
+    assert f"{pii['kept']:,}" in shown.stdout
 
-    again = run_workflow(workflow, runs_dir=f"s3://{bucket}/runs", scheduler="synchronous", console=QUIET)
-    assert io.read_json(again / "pii" / io.DONE_FILE) == io.read_json(remote / "pii" / io.DONE_FILE)  # skipped
+
+def test_the_dashboard_reads_a_run_folder_on_s3(s3, quickstart_on_s3, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    remote = quickstart_on_s3.remote
+    monkeypatch.setenv("GRISTMILL_RUN", str(remote))
+    for page in ("overview", "dedup", "pii"):
+        at = AppTest.from_file(str(REPO / "gristmill" / "dashboards" / "app.py"), default_timeout=120)
+        at.query_params["page"] = page
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+        if page == "overview":
+            shown = {m.label: m.value for m in at.metric}
+            assert shown["stages done"] == "4 / 4"
+            assert shown["documents in"] == f"{io.read_json(remote / 'extract' / io.DONE_FILE)['counts']['in']:,}"
+            assert shown["documents out"] == f"{io.read_json(remote / 'pii' / io.DONE_FILE)['counts']['kept']:,}"
 
 
 def test_an_exception_mid_upload_aborts_it_and_publishes_no_part(s3):
@@ -231,3 +265,46 @@ def test_memory_urls_hold_inputs_and_run_folders_for_in_process_runs(tmp_path):
     table = storage.read_parquet(part)
     assert table.column("text").to_pylist() == ["plain text from memory"]
     assert table.column("source").to_pylist() == [f"{root}/in/a.txt"]
+
+
+def test_a_cluster_started_from_a_scheduler_file_runs_a_workflow_whose_run_folder_is_on_s3(s3, tmp_path):
+    """The multi-node recipe on one machine: scheduler and two workers as separate processes, joined
+    through a scheduler file; the only storage they share is the S3 bucket."""
+    from distributed import Client
+
+    bucket = s3.bucket()
+    for f in range(3):
+        lines = [json.dumps({"text": f"file {f} document {i} " + "word " * (10 * i)}) for i in range(4)]
+        s3.fs.pipe_file(f"{bucket}/in/part-{f}.jsonl", ("\n".join(lines) + "\n").encode())
+    scheduler_file = tmp_path / "scheduler.json"
+    dask_bin = Path(sys.executable).parent / "dask"
+    env = subprocess_env(s3)
+    quiet = {"cwd": tmp_path, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    processes = [subprocess.Popen([str(dask_bin), "scheduler", "--scheduler-file", str(scheduler_file),
+                                   "--host", "127.0.0.1", "--port", "0", "--no-dashboard"], **quiet)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline, "the scheduler never wrote its file"
+            time.sleep(0.1)
+        processes += [subprocess.Popen([str(dask_bin), "worker", "--scheduler-file", str(scheduler_file),
+                                        "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard"], **quiet)
+                      for _ in range(2)]
+        with Client(scheduler_file=str(scheduler_file)) as client:
+            client.wait_for_workers(2, timeout=60)
+        stages = {"pages": {"type": "read", "input": f"s3://{bucket}/in/*.jsonl"},
+                  "copy": {"type": "slow_copy", "input": "pages", "drop_shorter_than": 60}}
+        workflow = tmp_path / "nodes.yaml"
+        workflow.write_text(yaml.safe_dump({"name": "nodes", "imports": ["tests.runner_stages"],
+                                            "dask": {"scheduler_file": str(scheduler_file)}, "stages": stages}))
+        console = Console(record=True, width=200)
+        run_dir = run_workflow(workflow, runs_dir=f"s3://{bucket}/runs", console=console)
+        assert "dask: connected to tcp://127.0.0.1:" in console.export_text()
+        done = io.read_json(run_dir / "copy" / io.DONE_FILE)
+        assert done["counts"] == {"in": 12, "kept": 9, "removed": 3, "parts": 3}
+        assert [s.state for s in run_status(run_dir)] == ["done", "done"]
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)

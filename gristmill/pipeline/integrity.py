@@ -59,7 +59,7 @@ def part_problem(path: Path, record: dict) -> str | None:
 
 def _rows_note(path: Path) -> str:
     try:
-        return f"{storage.parquet_metadata(path).num_rows:,} rows now"
+        return f"{storage.parquet_file(path).metadata.num_rows:,} rows now"
     except Exception as error:  # whatever pyarrow says of a broken file is the message
         return f"not readable Parquet: {type(error).__name__}: {error}"
 

@@ -152,7 +152,7 @@ def removed_parts(stage_dir: str | os.PathLike) -> list[Path]:
 
 def count_rows(paths: list[Path]) -> int:
     """Total rows of Parquet files, read from their footers only."""
-    return sum(storage.parquet_metadata(p).num_rows for p in paths)
+    return sum(storage.parquet_file(p).metadata.num_rows for p in paths)
 
 
 def expand_paths(pattern: str) -> list[Path]:

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -206,17 +207,18 @@ def load_array(path: Location) -> np.ndarray:
     return np.load(io.BytesIO(path.read_bytes()))
 
 
-def parquet_schema(path: str | Location):
+def parquet_file(path: str | Location) -> pq.ParquetFile:
+    """A `pq.ParquetFile` (footer, schema, row groups) for a local path or a remote object."""
     where = location(path)
-    if not is_remote(where):
-        return pq.read_schema(where)
-    with where.open("rb") as handle:
-        return pq.read_schema(handle)
+    return pq.ParquetFile(where if not is_remote(where) else where.open("rb"))
 
 
-def parquet_metadata(path: str | Location) -> pq.FileMetaData:
-    where = location(path)
-    if not is_remote(where):
-        return pq.read_metadata(where)
-    with where.open("rb") as handle:
-        return pq.read_metadata(handle)
+def stamp(path: Location) -> tuple[int, int]:
+    """(change tag, size) of a file: its mtime in ns locally, a hash of the ETag remotely. Raises
+    FileNotFoundError when it is absent."""
+    if not is_remote(path):
+        st = path.stat()
+        return st.st_mtime_ns, st.st_size
+    info = path.fs.info(path.path)
+    tag = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+    return zlib.crc32(tag.encode()), int(info.get("size") or 0)

@@ -135,7 +135,7 @@ def _row_of(keys: np.ndarray) -> np.ndarray:
 
 
 def _read_documents(path: str, columns: list[str]) -> pa.Table:
-    schema = storage.parquet_schema(path)
+    schema = storage.parquet_file(path).schema_arrow
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise ValueError(f"dedup: {path} has no column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})")
@@ -157,7 +157,7 @@ def sign_part(item: tuple[int, str], plan: Plan) -> dict[str, Any]:
     part, path = item
     started = time.perf_counter()
     config = plan.config
-    with_url = "url" in storage.parquet_schema(path).names
+    with_url = "url" in storage.parquet_file(path).schema_arrow.names
     table = _read_documents(path, ["id", "text"] + (["url"] if with_url else []))
     n = table.num_rows
     texts = _flat(table.column("text"))

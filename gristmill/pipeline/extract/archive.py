@@ -12,12 +12,15 @@ one last record with problem `unreadable` says where the damage starts.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 from gristmill.pipeline import storage
+
+Opener = Callable[[str], IO[bytes]]
 
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz")
 DOCUMENT_RECORD_TYPES = ("response", "resource", "conversion")
@@ -55,15 +58,16 @@ def _is_arc(path: str | Path) -> bool:
 
 
 def iter_records(path: str | Path, max_payload_bytes: int, counts: dict[str, int] | None = None,
-                 start: int | None = None) -> Iterator[ArchiveRecord]:
+                 start: int | None = None, opener: Opener = storage.open_binary) -> Iterator[ArchiveRecord]:
     """The document-bearing records of one archive file, in file order.
 
     `counts` (optional) receives the number of records of every WARC type seen, documents or not.
     `start` reads from that byte offset (a record boundary) instead of the beginning.
+    `opener` opens the file (a retrying stream for Common Crawl, see commoncrawl.py).
     """
     counts = {} if counts is None else counts
     reader = _iter_arc if _is_arc(path) else _iter_warc
-    yield from reader(str(path), max_payload_bytes, counts, start or 0)
+    yield from reader(str(path), max_payload_bytes, counts, start or 0, opener)
 
 
 def _mime_type(value: str | None) -> str | None:
@@ -73,10 +77,11 @@ def _mime_type(value: str | None) -> str | None:
     return value.split(";", 1)[0].strip().lower() or None
 
 
-def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int) -> Iterator[ArchiveRecord]:
+def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int,
+               opener: Opener) -> Iterator[ArchiveRecord]:
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-    with storage.open_binary(path) as stream:
+    with opener(path) as stream:
         stream.seek(start)
         records = iter(ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=False))
         position = start
@@ -85,7 +90,7 @@ def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start:
             try:
                 record = next(records)
             except StopIteration:
-                if not damage_reported and not _gzip_members_complete(path, position):
+                if not damage_reported and not _gzip_members_complete(path, position, opener):
                     yield ArchiveRecord(path, position, "unreadable", problem="unreadable",
                                         detail=f"file ends inside a gzip member after byte {position}")
                 return
@@ -114,11 +119,11 @@ def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start:
             yield out
 
 
-def _gzip_members_complete(path: str, offset: int) -> bool:
+def _gzip_members_complete(path: str, offset: int, opener: Opener) -> bool:
     """Whether every gzip member from `offset` (a record boundary) to the end of the file is whole.
     FastWARC stops quietly at a member that was cut off; this tells a short file from a cut one.
     Files that are not gzip are always complete here (their cuts show as short records)."""
-    with storage.open_binary(path) as stream:
+    with opener(path) as stream:
         if stream.read(2) != b"\x1f\x8b":
             return True
         stream.seek(offset)
@@ -178,10 +183,11 @@ def _warc_record(path: str, record, kind: str, max_payload_bytes: int) -> Archiv
     return out
 
 
-def _iter_arc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int) -> Iterator[ArchiveRecord]:
+def _iter_arc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int,
+              opener: Opener) -> Iterator[ArchiveRecord]:
     from warcio.archiveiterator import ArchiveIterator
 
-    with storage.open_binary(path) as stream:
+    with opener(path) as stream:
         stream.seek(start)
         iterator = ArchiveIterator(stream, arc2warc=True)
         records = iter(iterator)

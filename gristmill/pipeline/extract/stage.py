@@ -20,6 +20,7 @@ import gzip
 import importlib.util
 import re
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -30,8 +31,9 @@ from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 from resiliparse.parse.html import HTMLTree
 
 from gristmill.pipeline import io, storage
-from gristmill.pipeline.extract import langid
+from gristmill.pipeline.extract import commoncrawl, langid
 from gristmill.pipeline.extract.archive import ArchiveRecord, is_archive_file, iter_records, read_record
+from gristmill.pipeline.extract.commoncrawl import CommonCrawlInput
 from gristmill.pipeline.extract.text import normalize_text
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, source_stage
 
@@ -68,6 +70,7 @@ class ExtractConfig(StageConfig):
     max_junk_ratio: float = 0.01
     langid_model: str | None = None
     langid_max_chars: int = 1_000
+    commoncrawl: CommonCrawlInput | None = None  # read a Common Crawl dump's paths list (commoncrawl.py)
 
     @field_validator("max_payload_bytes", "langid_max_chars")
     @classmethod
@@ -88,6 +91,8 @@ class ExtractConfig(StageConfig):
         if self.extractor == "trafilatura" and importlib.util.find_spec("trafilatura") is None:
             raise ValueError("extractor 'trafilatura' needs the package `trafilatura`: pip install 'gristmill[trafilatura]'")
         langid.check_model(self.langid_model)
+        if not self.input and self.commoncrawl is None:
+            raise ValueError("give `input` (archive files or a crawl stage) or `commoncrawl` (a dump's paths list)")
         return self
 
 
@@ -112,6 +117,8 @@ def list_extract_units(ctx: StageContext) -> list[str]:
                     ".warc, .warc.gz, .wet, .wet.gz, .arc or .arc.gz); narrow the glob in `input`"
                 )
             files.append(_file_name(path))
+    if ctx.config.commoncrawl is not None:
+        files.extend(commoncrawl.list_files(ctx.config.commoncrawl))
     return files
 
 
@@ -267,7 +274,7 @@ def text_length_bin(chars: int) -> int:
     return max(0, bisect.bisect_right(TEXT_CHARS_EDGES, chars) - 1)
 
 
-@source_stage("extract", ExtractConfig, units=list_extract_units)
+@source_stage("extract", ExtractConfig, units=list_extract_units, needs_input=False)
 def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
     """Turn every document record of one archive file into a kept or a removed row."""
     identify = langid.language_identifier(config.langid_model)
@@ -280,19 +287,23 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
     charsets: dict[str, int] = {}
     text_chars = [0] * len(TEXT_CHARS_EDGES)
     payload_bytes = 0
-    for record in iter_records(warc_file, config.max_payload_bytes, counts=record_types):
-        row = _row(record)
-        payload_bytes += len(record.payload or b"")
-        try:
-            _extract_record(record, row, config)
-        except _Removal as removal:
-            removed.append(row)
-            reasons.append(f"{removal.reason} ({removal.detail})" if removal.detail else removal.reason)
-            removed_by_reason[removal.reason] = removed_by_reason.get(removal.reason, 0) + 1
-            continue
-        charsets[row["charset"]] = charsets.get(row["charset"], 0) + 1
-        text_chars[text_length_bin(len(row["text"]))] += 1
-        kept.append(row)
+    download: dict[str, int] = {}
+    settings = config.commoncrawl
+    from_dump = settings is not None and warc_file.startswith(settings.base_url.rstrip("/") + "/")
+    with commoncrawl.opener(settings, download) if from_dump else nullcontext(storage.open_binary) as opener:
+        for record in iter_records(warc_file, config.max_payload_bytes, counts=record_types, opener=opener):
+            row = _row(record)
+            payload_bytes += len(record.payload or b"")
+            try:
+                _extract_record(record, row, config)
+            except _Removal as removal:
+                removed.append(row)
+                reasons.append(f"{removal.reason} ({removal.detail})" if removal.detail else removal.reason)
+                removed_by_reason[removal.reason] = removed_by_reason.get(removal.reason, 0) + 1
+                continue
+            charsets[row["charset"]] = charsets.get(row["charset"], 0) + 1
+            text_chars[text_length_bin(len(row["text"]))] += 1
+            kept.append(row)
     # One call for the whole file: the language model scores many pages far faster than one at a time.
     guesses = identify([row["text"][: config.langid_max_chars] for row in kept])
     for row, (lang, score) in zip(kept, guesses, strict=True):
@@ -310,6 +321,8 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
         "text_chars": {"edges": TEXT_CHARS_EDGES, "counts": text_chars},
         "removed_by_reason": removed_by_reason,
     }
+    if from_dump:
+        stats["download"] = {"files": 1, "requests": 0, "retries": 0, "bytes": 0, **download}
     return PartitionOutput(
         kept=pa.Table.from_pylist(kept, schema=EXTRACT_SCHEMA),
         removed=io.with_reason(pa.Table.from_pylist(removed, schema=EXTRACT_SCHEMA), reasons),
