@@ -209,7 +209,7 @@ def config_hash(workflow: Workflow, stage: str) -> str:
 def input_fingerprint(workflow: Workflow, stage: str, run_dir: Path) -> str:
     """What the stage reads: upstream stages' output fingerprints and path inputs' file stats."""
     parts = []
-    for entry in workflow.stages[stage].input:
+    for entry in workflow.stages[stage].references():
         if entry in workflow.stages:
             done = io.read_json(run_dir / entry / io.DONE_FILE)
             if done is None:

@@ -45,6 +45,11 @@ class StageConfig(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    def references(self) -> list[str]:
+        """Every stage or path this stage reads: `input`, plus the entries of any other key a stage
+        type reads from (classify's `positives`); the DAG orders and fingerprints all of them."""
+        return list(self.input)
+
 
 @dataclass
 class PartitionOutput:
@@ -117,6 +122,15 @@ class StageContext:
             for e in self.inputs
             if e.is_stage and (stage_type is None or e.stage_type == stage_type)
         ]
+
+    def reference(self, entry: str) -> UpstreamInput:
+        """An entry of a key other than `input` (see `StageConfig.references`): a finished stage of
+        this run, else the files a path or glob matches, relative to the workflow's folder."""
+        stage_dir = self.run_dir / entry
+        if (stage_dir / io.DONE_FILE).is_file():
+            return UpstreamInput(entry, stage_dir, (io.read_json(stage_dir / io.DONE_FILE) or {}).get("type"))
+        path = Path(entry).expanduser()
+        return UpstreamInput(entry, files=io.expand_paths(str(path if path.is_absolute() else self.workflow_dir / path)))
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], description: str | None = None) -> list[Any]:
         """`[fn(item) for item in items]` on the cluster, in order, with a progress bar."""

@@ -79,7 +79,7 @@ class Workflow(BaseModel):
 
     def dependencies(self, stage: str) -> list[str]:
         """Upstream stage names of `stage`, in `input` order."""
-        return [name for name in self.stages[stage].input if name in self.stages]
+        return [name for name in self.stages[stage].references() if name in self.stages]
 
     def order(self) -> list[str]:
         """Stages in dependency order (file order among independent stages)."""
@@ -250,12 +250,13 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
             continue
         if spec.needs_input and not config.input:
             errors.append(f"{path}: stage {name!r}, key 'input': stage type {stage_type!r} needs an input")
-        for entry in config.input:
+        for entry in config.references():
             if entry == name:
                 errors.append(f"{path}: stage {name!r}, key 'input': a stage cannot read itself")
             elif entry not in stages_raw and not expand_paths(str(resolve_input_path(entry, path.parent))):
+                key = "input" if entry in config.input else _key_naming(settings, entry)
                 errors.append(
-                    f"{path}: stage {name!r}, key 'input': {entry!r} is neither a stage of this workflow "
+                    f"{path}: stage {name!r}, key {key!r}: {entry!r} is neither a stage of this workflow "
                     f"nor an existing file or glob"
                 )
         stages[name] = config
@@ -266,6 +267,11 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
     )
     workflow.order()  # raises on cycles
     return workflow
+
+
+def _key_naming(settings: dict[str, Any], entry: str) -> str:
+    """The key of a stage's settings whose value is or lists `entry` (for error messages)."""
+    return next((k for k, v in settings.items() if v == entry or (isinstance(v, list) and entry in v)), "input")
 
 
 def resolve_input_path(entry: str, workflow_dir: Path) -> storage.Location:
