@@ -191,5 +191,5 @@ def test_config_errors_name_the_key(tmp_path):
         load_workflow(bad)
     empty = tmp_path / "empty.yaml"
     empty.write_text(yaml.safe_dump({"name": "empty", "stages": {"extract": {"type": "extract"}}}))
-    with pytest.raises(WorkflowError, match="commoncrawl"):
+    with pytest.raises(WorkflowError, match="key 'input': stage type 'extract' needs an input"):
         load_workflow(empty)

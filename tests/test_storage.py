@@ -21,7 +21,7 @@ from rich.console import Console
 
 from gristmill.pipeline import io, storage
 from gristmill.pipeline.lock import LEASE_FILE, RunLocked, current_holder, run_lock
-from gristmill.pipeline.runner import run_workflow
+from gristmill.pipeline.runner import StageError, run_workflow
 from gristmill.pipeline.status import run_status
 from tests.quickstart import QUICKSTART
 
@@ -308,3 +308,14 @@ def test_a_cluster_started_from_a_scheduler_file_runs_a_workflow_whose_run_folde
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+
+
+def test_a_stage_that_writes_only_local_files_refuses_a_run_folder_on_object_storage(tmp_path):
+    root = f"memory://gristmill-{uuid.uuid4().hex[:8]}"
+    storage.location(f"{root}/in/a.txt").write_bytes(b"some text")
+    workflow = tmp_path / "export.yaml"
+    workflow.write_text(yaml.safe_dump({"name": "export", "dask": {"scheduler": "synchronous"}, "stages": {
+        "read": {"type": "read", "input": f"{root}/in/*.txt"}, "write": {"type": "write", "input": "read"}}}))
+    with pytest.raises(StageError, match=r"stage 'write' \(write\) writes its folder on local disk only"):
+        run_workflow(workflow, runs_dir=f"{root}/runs", console=QUIET)
+    assert io.read_json(storage.location(f"{root}/runs/export/read") / io.DONE_FILE)["counts"]["kept"] == 1

@@ -327,6 +327,12 @@ def run_stage(workflow: Workflow, stage: str, run_dir: Path, mapper: Callable, c
     config = workflow.stages[stage]
     spec = STAGE_TYPES[config.type]
     stage_dir = run_dir / stage
+    if storage.is_remote(run_dir) and not spec.object_storage:
+        raise StageError(
+            f"stage {stage!r} ({config.type}) writes its folder on local disk only, and the run folder "
+            f"{run_dir} is on object storage: run this stage with a local --runs-dir (a crawl's WARC files "
+            "can then be an `extract` input from anywhere)"
+        )
     cfg_hash = config_hash(workflow, stage)
     in_fp = input_fingerprint(workflow, stage, run_dir)
     started = {

@@ -248,7 +248,7 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
         except ValidationError as error:
             errors.append(_format_validation_error(path, name, error))
             continue
-        if spec.needs_input and not config.input:
+        if spec.needs_input and not config.input and not config.has_own_source():
             errors.append(f"{path}: stage {name!r}, key 'input': stage type {stage_type!r} needs an input")
         for entry in config.references():
             if entry == name:

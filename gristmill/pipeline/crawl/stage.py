@@ -34,7 +34,7 @@ from protego import Protego
 from pydantic import Field, field_validator
 
 import gristmill
-from gristmill.pipeline import io, storage
+from gristmill.pipeline import io
 from gristmill.pipeline.crawl.frontier import (
     Frontier,
     FrontierEntry,
@@ -496,9 +496,4 @@ def run_crawl(config: CrawlConfig, folder: str | Path, base_dir: str | Path = ".
 @custom_stage("crawl", CrawlConfig, produces_documents=False, needs_input=False)
 def crawl_stage(ctx: StageContext) -> StageResult:
     """Crawl the configured seeds into the stage folder (see the module docstring for its layout)."""
-    if storage.is_remote(ctx.stage_dir):  # its WARC files and state database grow by appending
-        raise ValueError(
-            f"stage {ctx.name!r}: a crawl writes to local disk; run it with a local --runs-dir, then give "
-            "its WARC files (copied to object storage if you like) to `extract` as a path input"
-        )
     return run_crawl(ctx.config, ctx.stage_dir, ctx.workflow_dir)

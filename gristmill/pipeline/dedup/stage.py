@@ -544,7 +544,7 @@ def _size_counts(sizes: np.ndarray) -> np.ndarray:
     return np.bincount(bins[bins >= 0], minlength=len(CLUSTER_SIZE_EDGES))
 
 
-@custom_stage("dedup", DedupConfig, produces_documents=True)
+@custom_stage("dedup", DedupConfig, produces_documents=True, object_storage=True)
 def dedup(ctx: StageContext) -> StageResult:
     """Remove exact and near duplicates across all input parts; see the module docstring. The
     client only hands out work and adds up counts: every step's data stays in files."""

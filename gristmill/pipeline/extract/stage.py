@@ -91,9 +91,10 @@ class ExtractConfig(StageConfig):
         if self.extractor == "trafilatura" and importlib.util.find_spec("trafilatura") is None:
             raise ValueError("extractor 'trafilatura' needs the package `trafilatura`: pip install 'gristmill[trafilatura]'")
         langid.check_model(self.langid_model)
-        if not self.input and self.commoncrawl is None:
-            raise ValueError("give `input` (archive files or a crawl stage) or `commoncrawl` (a dump's paths list)")
         return self
+
+    def has_own_source(self) -> bool:
+        return self.commoncrawl is not None
 
 
 def list_extract_units(ctx: StageContext) -> list[str]:
@@ -274,7 +275,7 @@ def text_length_bin(chars: int) -> int:
     return max(0, bisect.bisect_right(TEXT_CHARS_EDGES, chars) - 1)
 
 
-@source_stage("extract", ExtractConfig, units=list_extract_units, needs_input=False)
+@source_stage("extract", ExtractConfig, units=list_extract_units)
 def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
     """Turn every document record of one archive file into a kept or a removed row."""
     identify = langid.language_identifier(config.langid_model)
