@@ -134,7 +134,7 @@ def dask_client(workflow: Workflow, scheduler: str | None, console: Console) -> 
     from distributed import Client, LocalCluster
 
     if address or settings.scheduler_file:
-        client = Client(address) if address else Client(scheduler_file=settings.scheduler_file)
+        client = Client(address) if address else Client(scheduler_file=os.path.expanduser(settings.scheduler_file))
         address = address or client.scheduler.address
         link = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
         console.print(f"[dim]dask: connected to {address}" + (f", dashboard {link}" if link else "") + "[/dim]")

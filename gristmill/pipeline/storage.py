@@ -84,7 +84,8 @@ def publishing(path: Location) -> Iterator[IO[bytes]]:
     """A binary file to write `path` through; the object is published (its marker written) only when
     the block ends normally. On an exception the upload is aborted and nothing is published."""
     fs, key = path.fs, path.path
-    fs.rm_file(marker(path).path) if fs.exists(marker(path).path) else None
+    if fs.exists(marker(path).path):
+        fs.rm_file(marker(path).path)
     if isinstance(fs, MemoryFileSystem):  # its files commit on close, even from __del__
         buffer = io.BytesIO()
         yield buffer
@@ -125,16 +126,16 @@ def published_files(folder: Location, pattern: str) -> list[Location]:
 
 
 def remove_unpublished(folder: Location) -> int:
-    """Delete objects under a remote `folder` that no marker publishes: uploads an aborted or killed
-    attempt left. Only call it while holding the run lock. Returns how many were removed."""
+    """Delete objects under a remote `folder` that no marker publishes (uploads an aborted or killed
+    attempt left) and markers whose object is gone. Only call it while holding the run lock.
+    Returns how many objects were left unpublished."""
     fs = folder.fs
-    if not fs.exists(folder.path):
-        return 0
     keys = set(fs.find(folder.path))
-    published = {k.removesuffix(MARKER_SUFFIX) for k in keys if k.endswith(MARKER_SUFFIX)}
-    stray = [k for k in keys if k.endswith(".parquet") and k not in published]
-    for key in stray:
-        fs.rm_file(key)
+    markers = {k for k in keys if k.endswith(MARKER_SUFFIX)}
+    stray = sorted(keys - markers - {k.removesuffix(MARKER_SUFFIX) for k in markers})
+    orphans = sorted(m for m in markers if m.removesuffix(MARKER_SUFFIX) not in keys)
+    if stray or orphans:
+        fs.rm(stray + orphans)
     return len(stray)
 
 
@@ -153,16 +154,18 @@ def make_dirs(folder: Location) -> None:
 
 
 def expand(pattern: str) -> list[Location]:
-    """Files matching a remote URL, glob or folder (every file under it), sorted."""
+    """Files matching a remote URL, glob or folder (every file under it), sorted; publication
+    markers are not inputs."""
     base = location(pattern)
     fs = base.fs
     if any(ch in pattern for ch in "*?["):
-        keys = fs.glob(base.path)
+        found = fs.glob(base.path, detail=True)
+        keys = [k for k, info in found.items() if info.get("type") != "directory"]
     elif fs.isdir(base.path):
         keys = fs.find(base.path)
     else:
         keys = [base.path] if fs.exists(base.path) else []
-    return [_child(base, k) for k in sorted(keys) if not fs.isdir(k)]
+    return [_child(base, k) for k in sorted(keys) if not k.endswith(MARKER_SUFFIX)]
 
 
 def _child(base: UPath, key: str) -> UPath:
