@@ -144,6 +144,8 @@ def dashboard(
 
 app.command("train")(train_command)
 app.command("sample")(model_cli.sample_command)
+app.command("fill-mask")(model_cli.fill_mask_command)
+app.command("export")(model_cli.export_command)
 app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.command("crawl")(crawl_cli.crawl_command)
 

@@ -17,6 +17,7 @@ from warcio.warcwriter import WARCWriter
 
 from gristmill import DATA_DIR
 from gristmill.pipeline import io
+from gristmill.pipeline.extract.archive import archive_spans
 from gristmill.pipeline.extract.stage import (
     ExtractConfig,
     decode_html,
@@ -41,6 +42,12 @@ TRANSLATED = {  # pages of the handbook that are translated (many others are sti
 }
 RUSSIAN = "Привет! Это страница на русском языке, сохранённая в кодировке Windows-1251. " * 4
 JAPANESE = "これはシフトJISで書かれた日本語のページです。文字化けせずに読めるはずです。" * 4
+
+
+def extract_file(path: Path, **settings):
+    """The extract stage over one whole file, as one work unit."""
+    config = ExtractConfig(type="extract", **settings)
+    return extract_archive(archive_spans(path, config.split_bytes), config)
 
 
 def page_urls(relative_paths: list[str]) -> list[tuple[str, bytes]]:
@@ -90,7 +97,7 @@ def site_warc(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def site_output(site_warc: Path):
-    return extract_archive(str(site_warc), ExtractConfig(type="extract"))
+    return extract_file(site_warc)
 
 
 def test_known_page_keeps_main_paragraph_and_drops_navigation(site_output, site_warc):
@@ -147,7 +154,7 @@ def broken_output(tmp_path_factory):
     path = tmp_path_factory.mktemp("broken") / "broken.warc.gz"
     path.write_bytes(b"".join(gzip.compress(raw_record(f"http://127.0.0.1/{name}", block))
                               for name, block in records.items()))
-    return extract_archive(str(path), ExtractConfig(type="extract"))
+    return extract_file(path)
 
 
 @pytest.mark.parametrize(
@@ -199,7 +206,7 @@ def test_page_over_the_size_limit_is_removed_without_being_read(tmp_path):
     path = tmp_path / "huge.warc"
     path.write_bytes(raw_record("http://127.0.0.1/huge", http_block(huge))
                      + raw_record("http://127.0.0.1/small", http_block(b"<p>a small page after the huge one</p>")))
-    output = extract_archive(str(path), ExtractConfig(type="extract"))
+    output = extract_file(path)
     removed = rows_by_url(output.removed)["http://127.0.0.1/huge"]
     assert removed["reason"].startswith("extract:too_large")
     assert output.stats["payload_bytes"] < 1_000
@@ -211,34 +218,60 @@ def test_truncated_gzip_keeps_records_before_the_damage(site_output, site_warc, 
     cut_at = offsets[3] + (offsets[4] - offsets[3]) * 6 // 10  # inside the 4th page's compressed body
     truncated = tmp_path / "truncated.warc.gz"
     truncated.write_bytes(site_warc.read_bytes()[:cut_at])
-    cut = extract_archive(str(truncated), ExtractConfig(type="extract"))
+    cut = extract_file(truncated)
     assert cut.kept.column("text").to_pylist() == site_output.kept.column("text").to_pylist()[:3]
     assert cut.removed.num_rows == 1
     damaged = cut.removed.to_pylist()[0]
-    assert damaged["reason"].startswith("extract:truncated (got ")
+    assert damaged["reason"].startswith(f"extract:truncated ({truncated}: bytes {offsets[3]:,}-{cut_at:,} skipped")
+    assert damaged["reason"].endswith("the file ends inside this gzip member)")
+    # What the cut member still tells (its WARC headers) names the page that was lost.
     assert damaged["warc_offset"] == offsets[3] and damaged["url"] == site_output.kept.column("url")[3].as_py()
+    assert damaged["id"] == site_output.kept.column("id")[3].as_py()
+    assert cut.stats["skipped_bytes"] == cut_at - offsets[3]
 
 
 def test_file_cut_inside_a_request_record_says_so(site_output, site_warc, tmp_path):
     offsets = site_output.kept.column("warc_offset").to_pylist()
     truncated = tmp_path / "cut-request.warc.gz"
     truncated.write_bytes(site_warc.read_bytes()[: offsets[2] - 100])  # inside the 3rd page's request
-    cut = extract_archive(str(truncated), ExtractConfig(type="extract"))
+    cut = extract_file(truncated)
     assert cut.kept.num_rows == 2
     assert cut.removed.num_rows == 1
-    assert cut.removed.column("reason")[0].as_py().startswith("extract:unreadable (file ends inside a gzip member")
+    reason = cut.removed.column("reason")[0].as_py()
+    assert reason.startswith("extract:truncated (") and reason.endswith("the file ends inside this gzip member)")
+    assert cut.removed.column("url")[0].as_py() == site_output.kept.column("url")[2].as_py()
 
 
-def test_corrupt_gzip_member_ends_the_file_with_an_unreadable_row(site_warc, tmp_path):
+def test_damaged_member_in_the_middle_loses_only_that_record(site_output, site_warc, tmp_path):
+    offsets = site_output.kept.column("warc_offset").to_pylist()
     data = bytearray(site_warc.read_bytes())
-    middle = len(data) // 2
+    middle = offsets[3] + (offsets[4] - offsets[3]) // 2  # inside the 4th page's response member
     data[middle : middle + 200] = bytes(b ^ 0x5A for b in data[middle : middle + 200])
     corrupt = tmp_path / "corrupt.warc.gz"
     corrupt.write_bytes(bytes(data))
-    output = extract_archive(str(corrupt), ExtractConfig(type="extract"))
-    assert output.kept.num_rows >= 2
-    assert output.removed.column("reason")[-1].as_py().startswith("extract:unreadable")
-    assert output.stats["damaged_files"] == 1
+    output = extract_file(corrupt)
+    expected = site_output.kept.to_pylist()
+    assert output.kept.to_pylist() == [{**row, "warc_file": str(corrupt), "source": str(corrupt)}
+                                       for i, row in enumerate(expected) if i != 3]
+    (damaged,) = output.removed.to_pylist()
+    assert damaged["reason"].startswith(f"extract:damaged ({corrupt}: bytes {offsets[3]:,}-")
+    assert damaged["warc_offset"] == offsets[3] and damaged["url"] == expected[3]["url"]
+    assert 0 < output.stats["skipped_bytes"] < offsets[4] - offsets[3]
+    assert output.stats["removed_by_reason"] == {"extract:damaged": 1}
+
+
+def test_garbage_between_members_is_skipped_up_to_the_next_record(site_output, site_warc, tmp_path):
+    offsets = site_output.kept.column("warc_offset").to_pylist()
+    data = site_warc.read_bytes()
+    spliced = tmp_path / "spliced.warc.gz"
+    garbage = b"\x1f\x8b\x08 not a member" * 50  # looks like gzip members, but none inflates
+    spliced.write_bytes(data[: offsets[5]] + garbage + data[offsets[5]:])
+    output = extract_file(spliced)
+    assert output.kept.column("text").to_pylist() == site_output.kept.column("text").to_pylist()
+    (skipped,) = output.removed.to_pylist()
+    end = offsets[5] + len(garbage)
+    assert skipped["reason"].startswith(f"extract:damaged ({spliced}: bytes {offsets[5]:,}-{end:,} skipped")
+    assert output.stats["skipped_bytes"] == len(garbage)
 
 
 def test_wet_conversion_records_are_text_documents(tmp_path):
@@ -251,7 +284,7 @@ def test_wet_conversion_records_are_text_documents(tmp_path):
                                                payload=bytes_io.BytesIO(text.encode()),
                                                warc_content_type="text/plain")
             writer.write_record(record)
-    output = extract_archive(str(path), ExtractConfig(type="extract"))
+    output = extract_file(path)
     kept = rows_by_url(output.kept)
     assert kept["http://127.0.0.1/fr"]["text"].startswith("Ceci est un texte") and kept["http://127.0.0.1/fr"]["lang"] == "fr"
     assert kept["http://127.0.0.1/de"]["lang"] == "de" and kept["http://127.0.0.1/de"]["http_status"] is None
@@ -270,7 +303,7 @@ def arc_file(pages: list[tuple[str, bytes]]) -> bytes:
 def test_arc_files_are_read(tmp_path):
     path = tmp_path / "sample.arc"
     path.write_bytes(arc_file(page_urls(["python/tutorial/appetite.html", TRANSLATED["ru"]])))
-    output = extract_archive(str(path), ExtractConfig(type="extract"))
+    output = extract_file(path)
     kept = rows_by_url(output.kept)
     appetite = kept[BASE_URL + "python/tutorial/appetite.html"]
     assert "If you do much work on computers" in appetite["text"]
@@ -280,7 +313,7 @@ def test_arc_files_are_read(tmp_path):
 
 
 def test_trafilatura_extractor_finds_the_main_paragraph(site_warc):
-    output = extract_archive(str(site_warc), ExtractConfig(type="extract", extractor="trafilatura"))
+    output = extract_file(site_warc, extractor="trafilatura")
     row = rows_by_url(output.kept)[BASE_URL + "python/tutorial/appetite.html"]
     assert "If you do much work on computers" in row["text"]
     assert "Quick search" not in row["text"]
@@ -298,7 +331,7 @@ def test_fasttext_model_given_by_path_is_used(site_output, site_warc, tmp_path):
     model = fasttext.train_supervised(str(training), epoch=25, lr=1.0, dim=16, minn=2, maxn=4, verbose=0)
     model_path = tmp_path / "tiny-lid.bin"
     model.save_model(str(model_path))
-    output = extract_archive(str(site_warc), ExtractConfig(type="extract", langid_model=str(model_path)))
+    output = extract_file(site_warc, langid_model=str(model_path))
     kept = rows_by_url(output.kept)
     assert kept[BASE_URL + TRANSLATED["fr"]]["lang"] == "fra_Latn"
     assert kept[BASE_URL + "python/tutorial/venv.html"]["lang"] == "eng_Latn"
@@ -336,8 +369,8 @@ def test_stage_runs_in_a_workflow_with_stable_ids(site_warc, tmp_path):
     assert (kept.num_rows, removed.num_rows) == (9, 1)
     assert removed.column("reason")[0].as_py() == "extract:not_html (image/png)"
     stats = json.loads((stage_dir / io.STATS_FILE).read_text())
-    assert stats["counts"] == {"in": 10, "kept": 9, "removed": 1, "parts": 2}
-    assert stats["files"] == 2 and stats["extractor"] == "resiliparse"
+    assert stats["counts"] == {"in": 10, "kept": 9, "removed": 1, "parts": 1}  # two small files, one unit
+    assert stats["files"] == 2 and stats["units"] == 1 and stats["extractor"] == "resiliparse"
     assert stats["removed_by_reason"] == {"extract:not_html": 1}
     assert stats["languages"]["en"] == 4 and stats["text_chars"]["edges"][0] == 0
     rerun = run_workflow(workflow, runs_dir=tmp_path / "runs", force=True)
@@ -383,7 +416,7 @@ def test_language_guess_of_a_text_does_not_depend_on_the_batch(site_output, monk
 def test_file_that_is_not_warc_inside_is_one_unreadable_row(tmp_path):
     path = tmp_path / "mislabelled.warc.gz"
     path.write_bytes(gzip.compress(APPETITE.read_bytes()))
-    output = extract_archive(str(path), ExtractConfig(type="extract"))
+    output = extract_file(path)
     assert output.kept.num_rows == 0
     assert output.removed.column("reason").to_pylist() == [
         "extract:unreadable (file unreadable after byte 0: Invalid WARC header)"
@@ -477,3 +510,15 @@ def test_html_to_text_on_a_worker_thread_leaves_no_resiliparse_tree_behind():
         sys.unraisablehook = hook
         gc.enable()
     assert unraisable == []
+
+
+def test_text_over_max_doc_chars_becomes_a_removed_row(site_output, site_warc):
+    lengths = {row["url"]: len(row["text"]) for row in site_output.kept.to_pylist()}
+    limit = sorted(lengths.values())[4]
+    output = extract_file(site_warc, max_doc_chars=limit)
+    assert sorted(output.kept.column("url").to_pylist()) == sorted(u for u, n in lengths.items() if n <= limit)
+    removed = {row["url"]: row for row in output.removed.to_pylist()}
+    assert set(removed) == {u for u, n in lengths.items() if n > limit}
+    for url, row in removed.items():
+        assert row["reason"] == f"extract:too_long ({lengths[url]:,} characters > max_doc_chars {limit:,})"
+        assert row["text"] is None

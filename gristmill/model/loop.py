@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import ShardsInfo, TrainLoader, read_shards_info, val_batches
-from gristmill.model.model import GPT
+from gristmill.model.model import Transformer
+from gristmill.model.objectives import make_objective
 from gristmill.model.sample import CHECKPOINT_FILE, load_checkpoint, sample_text
 from gristmill.pipeline.io import remove_temporaries, write_bytes_atomic
 
@@ -125,12 +126,14 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
     # ---- data
     info = read_shards_info(shards_dir)
-    prefix_lm = config.objective == "prefix_lm"
+    objective = make_objective(
+        config, info.vocab_size, info.eos_id, info.mask_id, info.sentinel_ids, info.folder / "meta.json"
+    )
     loader = TrainLoader(
-        info.train, config.seq_len, config.batch_size, config.grad_accum, config.seed, rank, world_size, prefix_lm
+        info.train, config.seq_len, config.batch_size, config.grad_accum, config.seed, rank, world_size, objective
     )
     val = (
-        val_batches(info.val, config.seq_len, config.batch_size, config.eval_batches, rank, world_size, prefix_lm)
+        val_batches(info.val, config.seq_len, config.batch_size, config.eval_batches, rank, world_size, objective)
         if info.val
         else []
     )
@@ -138,8 +141,8 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
     # ---- model and optimiser (same init on every process; DDP also broadcasts rank 0's weights)
     torch.manual_seed(config.seed)
-    gpt_config = config.gpt_config(info.vocab_size)
-    model = GPT(gpt_config).to(device)
+    model_config = config.transformer_config(info.vocab_size, objective.decoder_start_id)
+    model = Transformer(model_config).to(device)
     optimizer = model.configure_optimizers(
         config.weight_decay, config.learning_rate, (config.beta1, config.beta2), device.type
     )
@@ -148,9 +151,9 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
     step = 0
     if resume:
         checkpoint = load_checkpoint(checkpoint_file, device)
-        if checkpoint["gpt_config"] != asdict(gpt_config):
+        if checkpoint["model_config"] != asdict(model_config):
             raise ValueError(
-                f"{checkpoint_file}: model {checkpoint['gpt_config']} does not match the settings {asdict(gpt_config)}"
+                f"{checkpoint_file}: model {checkpoint['model_config']} does not match the settings {asdict(model_config)}"
             )
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -189,13 +192,11 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for micro_step in range(config.grad_accum):
-                batch = loader.batch(step, micro_step)
-                x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
-                prefix = batch.prefix_len.to(device) if batch.prefix_len is not None else None
+                inputs = loader.batch(step, micro_step).inputs(device)
                 if ddp:
                     model.require_backward_grad_sync = micro_step == config.grad_accum - 1
                 with autocast:
-                    _, loss = model(x, y, prefix)
+                    _, loss = model(**inputs)
                     loss = loss / config.grad_accum
                 loss_sum += loss.detach()
                 loss.backward()
@@ -214,7 +215,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
             is_last = step == last_step
             evaluate = bool(info.val) and (step % config.eval_every == 0 or is_last)
-            val_loss = validation_loss(model, val, device, autocast, ddp) if evaluate else None
+            val_loss, val_accuracy = validation_metrics(model, val, device, autocast, ddp) if evaluate else (None, None)
             if step % config.log_every == 0 or is_last or evaluate or step == 1:
                 if ddp:
                     dist.all_reduce(loss_sum)
@@ -225,6 +226,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                     "step": step,
                     "loss": loss_sum.item(),
                     "val_loss": val_loss,
+                    "val_accuracy": val_accuracy,
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens": step * tokens_per_step,
@@ -235,7 +237,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                 interval_time, interval_steps = 0.0, 0
                 summary.update(final_loss=record["loss"], mfu=mfu)
                 if val_loss is not None:
-                    summary["val_loss"] = val_loss
+                    summary.update(val_loss=val_loss, val_accuracy=val_accuracy)
                 if master:
                     append_record(out_dir / METRICS_FILE, record)
                 progress.update(task, loss=f"loss {record['loss']:.3f}")
@@ -270,20 +272,26 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
 
 @torch.no_grad()
-def validation_loss(model, batches, device: torch.device, autocast, ddp: bool) -> float:
-    """Mean loss over this process's val batches, averaged over all processes (token-weighted)."""
+def validation_metrics(model, batches, device: torch.device, autocast, ddp: bool) -> tuple[float, float]:
+    """The objective's loss on its targets and the share of targets predicted exactly (top-1;
+    for MLM the masked-token accuracy), over this process's val batches and then all processes,
+    token-weighted."""
     model.eval()
-    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
     for batch in batches:
-        prefix = batch.prefix_len.to(device) if batch.prefix_len is not None else None
+        inputs = batch.inputs(device)
         with autocast:
-            _, loss = model(batch.x.to(device), batch.y.to(device), prefix)
-        scored = int((batch.y != -1).sum())
-        totals += torch.tensor([loss.item() * scored, scored], device=device, dtype=torch.float64)
+            logits, loss = model(**inputs)
+        scored = inputs["targets"] != -1
+        if logits.dim() == 3:  # decoders return every position; the encoder only its scored ones
+            logits = logits[scored]
+        correct = (logits.argmax(-1) == inputs["targets"][scored]).sum()
+        count = scored.sum()
+        totals += torch.stack([loss.double() * count, correct.double(), count.double()])
     if ddp:
         dist.all_reduce(totals)
     model.train()
-    return (totals[0] / totals[1]).item()
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
 def gather_rng_states(device: torch.device, ddp: bool, world_size: int) -> dict[str, list[torch.Tensor]]:
@@ -299,7 +307,7 @@ def gather_rng_states(device: torch.device, ddp: bool, world_size: int) -> dict[
     }
 
 
-def save_checkpoint(path: Path, model: GPT, optimizer, step: int, rng_states, config: TrainConfig, info: ShardsInfo):
+def save_checkpoint(path: Path, model: Transformer, optimizer, step: int, rng_states, config: TrainConfig, info: ShardsInfo):
     """Write everything a resume needs, as tensors and plain containers only (weights_only load)."""
     tokenizer_json = info.tokenizer.read_text() if info.tokenizer is not None and info.tokenizer.is_file() else None
     state = {
@@ -309,7 +317,7 @@ def save_checkpoint(path: Path, model: GPT, optimizer, step: int, rng_states, co
         "data": {"seed": config.seed, "next_step": step + 1},
         "rng": rng_states,
         "config": config.model_dump(),
-        "gpt_config": asdict(model.config),
+        "model_config": asdict(model.config),
         "eos_id": info.eos_id,
         "tokenizer_json": tokenizer_json,
         "shards_dir": str(info.folder),

@@ -43,9 +43,44 @@ DOCUMENT_SCHEMA = pa.schema(
 )
 
 
-def part_name(index: int) -> str:
-    """`part-00007.parquet`: parts are numbered by their position in the stage's input."""
-    return f"part-{index:05d}.parquet"
+def part_name(index: int, piece: int | None = None) -> str:
+    """`part-00007.parquet`: parts are numbered by their position in the stage's input. A unit whose
+    output is over the part caps writes pieces, `part-00007-0000.parquet`, `part-00007-0001.parquet`,
+    which sort between `part-00006` and `part-00008`, so name order is still input order."""
+    return f"part-{index:05d}.parquet" if piece is None else f"part-{index:05d}-{piece:04d}.parquet"
+
+
+def split_table(table: pa.Table, max_rows: int | None, max_bytes: int | None) -> list[pa.Table]:
+    """`table` cut, in order, into slices of at most `max_rows` rows and `max_bytes` bytes of Arrow
+    memory each (a single row larger than `max_bytes` is a slice of its own); at least one slice."""
+    max_rows = max_rows or max(table.num_rows, 1)
+    slices: list[pa.Table] = []
+    start = 0
+    while start < table.num_rows or not slices:
+        end = min(start + max_rows, table.num_rows)
+        if max_bytes is not None and table.slice(start, end - start).nbytes > max_bytes:
+            low, high = start + 1, end  # slice bytes grow with its end: binary search the longest that fits
+            while low < high:
+                middle = (low + high + 1) // 2
+                if table.slice(start, middle - start).nbytes <= max_bytes:
+                    low = middle
+                else:
+                    high = middle - 1
+            end = low
+        slices.append(table.slice(start, end - start))
+        start = end
+    return slices
+
+
+def write_parts(table: pa.Table, folder: str | os.PathLike, index: int, max_rows: int | None,
+                max_bytes: int | None) -> list[str]:
+    """Write `table` as part `index` of `folder`, in pieces when it is over the caps; returns the
+    part names, in order."""
+    slices = split_table(table, max_rows, max_bytes)
+    names = [part_name(index)] if len(slices) == 1 else [part_name(index, i) for i in range(len(slices))]
+    for name, piece in zip(names, slices):
+        write_parquet_atomic(piece, storage.location(folder) / name)
+    return names
 
 
 def _temporary_name(path: Path) -> Path:

@@ -56,18 +56,28 @@ def _part_state_path(stage_dir: Path, index: int) -> Path:
     return stage_dir / io.PARTS_STATE_DIR / io.part_name(index).replace(".parquet", ".json")
 
 
-def _write_partition(stage_dir: Path, index: int, output: PartitionOutput, rows_in: int, started: float) -> dict:
-    name = io.part_name(index)
-    io.write_parquet_atomic(output.kept, stage_dir / io.KEPT / name)
-    io.write_parquet_atomic(output.removed, stage_dir / io.REMOVED / name)
+def _write_partition(stage_dir: Path, index: int, output: PartitionOutput, rows_in: int, started: float,
+                     config: Any) -> dict:
+    """Write one unit's kept and removed documents as parts within the stage's caps, then its state."""
+    caps = (config.max_part_rows, config.max_part_bytes)
+    written = {
+        io.KEPT: io.write_parts(output.kept, stage_dir / io.KEPT, index, *caps),
+        io.REMOVED: io.write_parts(output.removed, stage_dir / io.REMOVED, index, *caps),
+    }
     state = {
-        "part": name,
+        "part": io.part_name(index),
+        "kept_parts": written[io.KEPT],
+        "removed_parts": written[io.REMOVED],
         "in": rows_in,
         "kept": output.kept.num_rows,
         "removed": output.removed.num_rows,
         "seconds": round(time.perf_counter() - started, 4),
         "stats": output.stats,
-        "parts": {f"{sub}/{name}": integrity.part_record(stage_dir / sub / name) for sub in (io.KEPT, io.REMOVED)},
+        "parts": {
+            f"{sub}/{name}": integrity.part_record(stage_dir / sub / name)
+            for sub, names in written.items()
+            for name in names
+        },
     }
     io.write_json_atomic(state, _part_state_path(stage_dir, index))
     return state
@@ -103,7 +113,7 @@ def process_document_part(
             f"stage {stage_name!r}, part {in_path}: {table.num_rows} rows in but "
             f"{output.kept.num_rows} kept + {output.removed.num_rows} removed"
         )
-    return _write_partition(stage_path, index, output, table.num_rows, started)
+    return _write_partition(stage_path, index, output, table.num_rows, started, config)
 
 
 def process_source_unit(item: tuple[int, Any], fn: Callable, config: Any, stage_dir: str) -> dict:
@@ -116,7 +126,7 @@ def process_source_unit(item: tuple[int, Any], fn: Callable, config: Any, stage_
     started = time.perf_counter()
     output = fn(unit, config)
     rows = output.kept.num_rows + output.removed.num_rows
-    return _write_partition(stage_path, index, output, rows, started)
+    return _write_partition(stage_path, index, output, rows, started, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +311,9 @@ def _run_partitioned(spec: StageType, ctx: StageContext) -> StageResult:
         "in": sum(s["in"] for s in states),
         "kept": sum(s["kept"] for s in states),
         "removed": sum(s["removed"] for s in states),
-        "parts": len(states),
+        "parts": sum(len(s["kept_parts"]) for s in states),
     }
-    stats = merge_stats(s["stats"] for s in states)
+    stats = {"units": len(states), **merge_stats(s["stats"] for s in states)}
     if spec.finalize_stats is not None:
         stats = spec.finalize_stats(stats, ctx.config)
     return StageResult(counts=counts, stats=stats)

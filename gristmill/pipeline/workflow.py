@@ -6,6 +6,8 @@ Every mistake is reported with the file, the stage and the key, e.g.
 `workflows/web.yaml: stage 'filter', key 'gopher_quality.min_doc_words': Input should be a valid integer`.
 
 `imports:` lists modules that register extra stage types (your own `document_stage`s).
+`parts:` caps the parts every document stage writes (`max_part_rows`, `max_part_bytes`); a stage's
+own keys of the same names win (docs/partitions.md).
 Strings may use `${VAR}` and `${VAR:-default}`; `GRISTMILL_DATA` defaults to the bundled data folder.
 `--set stage.key=value` overrides (value parsed as YAML) apply before validation.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from gristmill import DATA_DIR
 from gristmill.pipeline import storage
@@ -62,6 +64,17 @@ class DaskSettings(BaseModel):
     dashboard_address: str | None = ":0"
 
 
+class PartLimits(BaseModel):
+    """Workflow-wide caps on the parts every document stage writes (a stage may set its own).
+    A unit whose output is bigger writes several parts, so downstream tasks follow the data.
+    Bytes are Arrow memory, what a task holds when it reads the part; sizes such as `256MiB` work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_part_rows: int = Field(default=100_000, ge=1)  # many small documents still make tasks of a few seconds
+    max_part_bytes: ByteSize = Field(default=ByteSize(256 * 2**20), ge=1)  # a part fits a worker's memory many times
+
+
 class Workflow(BaseModel):
     """A validated workflow: stages in file order, each a StageConfig subclass."""
 
@@ -71,6 +84,7 @@ class Workflow(BaseModel):
     path: Path
     stages: dict[str, StageConfig]
     dask: DaskSettings = DaskSettings()
+    parts: PartLimits = PartLimits()
     raw: dict[str, Any]
 
     @property
@@ -142,7 +156,7 @@ def expand_env(value: Any, where: str) -> Any:
 
 
 def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
-    """Apply one `stage.key=value` (or `dask.key=value`, `name=value`) override in place."""
+    """Apply one `stage.key=value` (or `dask.key=value`, `parts.key=value`, `name=value`) override in place."""
     if "=" not in override:
         raise WorkflowError(f"--set {override!r}: expected STAGE.KEY=VALUE")
     dotted, text = override.split("=", 1)
@@ -157,9 +171,9 @@ def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
     if keys[0] in ("name",) and len(keys) == 1:
         raw["name"] = value
         return
-    if keys[0] == "dask":
-        target = raw.setdefault("dask", {}) or {}
-        raw["dask"] = target
+    if keys[0] in ("dask", "parts"):
+        target = raw.get(keys[0]) or {}
+        raw[keys[0]] = target
     else:
         stages = raw.get("stages") or {}
         if keys[0] not in stages:
@@ -192,10 +206,10 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
     path = Path(path)
     if not isinstance(raw, dict):
         raise WorkflowError(f"{path}: a workflow is a mapping with 'stages'")
-    unknown = set(raw) - {"name", "description", "dask", "imports", "stages"}
+    unknown = set(raw) - {"name", "description", "dask", "parts", "imports", "stages"}
     if unknown:
         raise WorkflowError(
-            f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, description, dask, imports, stages"
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, description, dask, parts, imports, stages"
         )
     raw = expand_env(raw, str(path))
     stage_types = load_builtin_stages()
@@ -213,6 +227,12 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
         dask = DaskSettings.model_validate(dask_raw)
     except ValidationError as error:
         lines = [f"{path}: key 'dask.{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in error.errors()]
+        raise WorkflowError("\n".join(lines)) from None
+    try:
+        parts = PartLimits.model_validate(raw.get("parts") or {})
+    except ValidationError as error:
+        lines = [f"{path}: key 'parts.{'.'.join(map(str, e['loc']))}': "
+                 f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in error.errors()]
         raise WorkflowError("\n".join(lines)) from None
 
     workflow_name = str(raw.get("name") or path.stem)
@@ -248,6 +268,9 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
         except ValidationError as error:
             errors.append(_format_validation_error(path, name, error))
             continue
+        config, problem = _with_part_limits(config, spec.kind == "custom" and not spec.produces_documents, parts)
+        if problem:
+            errors.append(f"{path}: stage {name!r}, {problem}")
         if spec.needs_input and not config.input and not config.has_own_source():
             errors.append(f"{path}: stage {name!r}, key 'input': stage type {stage_type!r} needs an input")
         for entry in config.references():
@@ -263,7 +286,7 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
     if errors:
         raise WorkflowError("\n".join(errors))
     workflow = Workflow(
-        name=workflow_name, path=path, stages=stages, dask=dask, raw=raw
+        name=workflow_name, path=path, stages=stages, dask=dask, parts=parts, raw=raw
     )
     workflow.order()  # raises on cycles
     return workflow
@@ -272,6 +295,17 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
 def _key_naming(settings: dict[str, Any], entry: str) -> str:
     """The key of a stage's settings whose value is or lists `entry` (for error messages)."""
     return next((k for k, v in settings.items() if v == entry or (isinstance(v, list) and entry in v)), "input")
+
+
+def _with_part_limits(config: StageConfig, writes_no_parts: bool, parts: PartLimits) -> tuple[StageConfig, str]:
+    """The stage config with the workflow's part caps filled in where the stage sets none (so they
+    count in its config hash), and a complaint when a stage that writes no parts sets one."""
+    if writes_no_parts:
+        given = [key for key in ("max_part_rows", "max_part_bytes") if getattr(config, key) is not None]
+        problem = f"key {given[0]!r}: stage type {config.type!r} writes no document parts" if given else ""
+        return config, problem
+    limits = {key: value for key, value in parts.model_dump().items() if getattr(config, key) is None}
+    return config.model_copy(update=limits), ""
 
 
 def resolve_input_path(entry: str, workflow_dir: Path) -> storage.Location:

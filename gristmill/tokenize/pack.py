@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 from gristmill.pipeline import io
 from gristmill.tokenize import shards
 from gristmill.tokenize.corpus import in_split, read_documents
+from gristmill.tokenize.recipes import objective_token_ids
 from gristmill.tokenize.tiktoken_export import NotExportable, to_tiktoken
 from gristmill.tokenize.train import TOKENIZER_FILE, eos_token_of, load_tokenizer
 
@@ -291,6 +292,7 @@ def pack(
         "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
         "eos_token": eos,
         "eos_id": eos_id,
+        **objective_token_ids(hf),
         "engine": chosen,
         "engine_check": evidence,
         "val_fraction": val_fraction,

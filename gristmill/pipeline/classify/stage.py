@@ -84,12 +84,13 @@ def _classifier(path: str, positive_label: str):
     """The model at `path`, loaded once per worker process and again when the file changes
     (a retrained model is saved under the same name)."""
     file = Path(path)
-    version = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    stat = file.stat() if file.is_file() else None
+    version = (stat.st_ino, stat.st_mtime_ns, stat.st_size) if stat else None  # a rewrite is a new inode
     return _cached_classifier(path, positive_label, version)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_classifier(path: str, positive_label: str, version: tuple[int, int] | None):
+def _cached_classifier(path: str, positive_label: str, version: tuple[int, int, int] | None):
     return load_classifier(path, positive_label)
 
 
@@ -125,7 +126,8 @@ def global_cut(scores: list[np.ndarray], keep_fraction: float) -> tuple[float, l
     return float(cut), quotas
 
 
-def split_part(item: tuple[int, str, int | None], cut: float, scores_dir: str, stage_dir: str) -> dict:
+def split_part(item: tuple[int, str, int | None], cut: float, scores_dir: str, stage_dir: str,
+               caps: tuple[int | None, int | None]) -> dict:
     """Write one part's kept and removed documents with their scores; `None` quota keeps every tie."""
     index, path, tie_quota = item
     started = time.perf_counter()
@@ -138,9 +140,9 @@ def split_part(item: tuple[int, str, int | None], cut: float, scores_dir: str, s
     missing = np.isnan(scores)
     table = table.append_column(SCORE_COLUMN, pa.array(scores, pa.float32(), mask=missing))
     reasons = np.where(missing[~keep], MISSING_TEXT, LOW_SCORE).tolist()
-    io.write_parquet_atomic(table.filter(pa.array(keep)), Path(stage_dir) / io.KEPT / io.part_name(index))
+    io.write_parts(table.filter(pa.array(keep)), Path(stage_dir) / io.KEPT, index, *caps)
     removed = io.with_reason(table.filter(pa.array(~keep)), reasons)
-    io.write_parquet_atomic(removed, Path(stage_dir) / io.REMOVED / io.part_name(index))
+    io.write_parts(removed, Path(stage_dir) / io.REMOVED, index, *caps)
     return {"kept": int(keep.sum()), "removed": int((~keep).sum()), "seconds": time.perf_counter() - started}
 
 
@@ -175,7 +177,8 @@ def run_classify(ctx: StageContext) -> StageResult:
         cut, quotas = global_cut(scores, config.keep_fraction)
     else:
         cut, quotas = (config.threshold if config.threshold is not None else DEFAULT_THRESHOLD), [None] * len(parts)
-    split = functools.partial(split_part, cut=cut, scores_dir=str(scores_dir), stage_dir=str(ctx.stage_dir))
+    caps = (ctx.config.max_part_rows, ctx.config.max_part_bytes)
+    split = functools.partial(split_part, cut=cut, scores_dir=str(scores_dir), stage_dir=str(ctx.stage_dir), caps=caps)
     ctx.map(split, [(i, str(p), q) for i, (p, q) in enumerate(zip(parts, quotas))], f"{ctx.name}: split")
     every = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     scored = every[~np.isnan(every)]

@@ -451,8 +451,9 @@ def write_part(item: tuple[int, str, list[int]], plan: Plan) -> dict[str, Any]:
     removed = io.with_reason(table.filter(pa.array(removed_mask)), [r for r in reason if r is not None])
     if "reason" in kept.column_names:
         kept = kept.drop_columns(["reason"])
-    io.write_parquet_atomic(kept, storage.location(plan.stage_dir) / io.KEPT / io.part_name(part))
-    io.write_parquet_atomic(removed, storage.location(plan.stage_dir) / io.REMOVED / io.part_name(part))
+    caps = (plan.config.max_part_rows, plan.config.max_part_bytes)
+    io.write_parts(kept, storage.location(plan.stage_dir) / io.KEPT, part, *caps)
+    io.write_parts(removed, storage.location(plan.stage_dir) / io.REMOVED, part, *caps)
     _index_survivors(part, np.flatnonzero(~removed_mask), table.column("id"), plan)
     counts: dict[str, int] = {}
     for r in reason[removed_mask]:

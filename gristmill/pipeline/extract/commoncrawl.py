@@ -25,6 +25,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from gristmill.pipeline import storage
+from gristmill.pipeline.extract.archive import ArchiveSpan
 
 COMMON_CRAWL_HTTPS = "https://data.commoncrawl.org/"
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -79,6 +80,14 @@ def list_files(settings: CommonCrawlInput) -> list[str]:
     if settings.max_files is not None:
         paths = paths[: settings.max_files]
     return [settings.base_url.rstrip("/") + "/" + p.lstrip("/") for p in paths]
+
+
+def file_spans(url: str, settings: CommonCrawlInput) -> list[ArchiveSpan]:
+    """One dump file as one span, read whole. Common Crawl gzips every record as its own member
+    (WARC and WET alike), so the layout needs no probe; the size costs one (retried) request."""
+    with open_stream(url, settings, {}) as stream:
+        size = stream.seek(0, io.SEEK_END)
+    return [ArchiveSpan(url, 0, size, "members", "a Common Crawl file: read whole, in one stream")]
 
 
 class RetryingHTTPStream(io.RawIOBase):

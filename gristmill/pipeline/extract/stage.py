@@ -2,7 +2,9 @@
 
 Input: archive files or globs (`.warc`, `.warc.gz`, `.wet`, `.wet.gz`, `.arc`, `.arc.gz`; Common
 Crawl's layout works with a glob such as `crawl-data/**/*.warc.gz`), or an upstream `crawl` stage,
-whose files are `<stage dir>/warc/*.warc.gz`. One work unit is one file.
+whose files are `<stage dir>/warc/*.warc.gz`. Work units are about `split_bytes` of archive: files
+gzipped record by record are cut at record boundaries (see `archive.archive_spans`), small files
+are grouped, and files that cannot be split are one unit each (stats say why).
 
 Every response, resource and conversion (WET) record becomes exactly one row: kept with its text,
 or removed with a reason (`extract:truncated`, `extract:not_html`, ...). Requests, metadata and
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import functools
 import gzip
 import importlib.util
 import re
@@ -25,17 +28,23 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 from resiliparse.parse.html import HTMLTree
 
 from gristmill.pipeline import io, storage
 from gristmill.pipeline.extract import commoncrawl, langid
-from gristmill.pipeline.extract.archive import ArchiveRecord, is_archive_file, iter_records, read_record
-from gristmill.pipeline.extract.commoncrawl import CommonCrawlInput
+from gristmill.pipeline.extract.archive import (
+    ArchiveRecord,
+    ArchiveSpan,
+    archive_spans,
+    is_archive_file,
+    iter_records,
+    read_record,
+)
 from gristmill.pipeline.extract.text import normalize_text
-from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, source_stage
+from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, group_by_size, source_stage
 
 # The document columns, then the title and the pointer back to the source record.
 EXTRACT_SCHEMA = pa.schema(
@@ -70,7 +79,11 @@ class ExtractConfig(StageConfig):
     max_junk_ratio: float = 0.01
     langid_model: str | None = None
     langid_max_chars: int = 1_000
-    commoncrawl: CommonCrawlInput | None = None  # read a Common Crawl dump's paths list (commoncrawl.py)
+    # ~256 MB of gzipped WARC holds ~100 MB of extracted text (Common Crawl: a 1 GB WARC, ~400 MB of WET).
+    split_bytes: ByteSize = Field(default=ByteSize(256 * 2**20), ge=1)
+    # One document bigger than this costs gigabytes downstream (filters hold several copies).
+    max_doc_chars: int = Field(default=1_000_000, ge=1)
+    commoncrawl: commoncrawl.CommonCrawlInput | None = None  # read a Common Crawl dump's paths list
 
     @field_validator("max_payload_bytes", "langid_max_chars")
     @classmethod
@@ -97,8 +110,20 @@ class ExtractConfig(StageConfig):
         return self.commoncrawl is not None
 
 
-def list_extract_units(ctx: StageContext) -> list[str]:
-    """One unit per archive file: the WARC files of upstream `crawl` stages, then path inputs."""
+def list_extract_units(ctx: StageContext) -> list[list[ArchiveSpan]]:
+    """Spans of the archive files (the WARC files of upstream `crawl` stages, path inputs, then the
+    files of a Common Crawl dump), indexed on the cluster and grouped up to `split_bytes`."""
+    config: ExtractConfig = ctx.config
+    index = functools.partial(archive_spans, split_bytes=config.split_bytes)
+    spans = [span for spans in ctx.map(index, _archive_files(ctx), f"{ctx.name}: index") for span in spans]
+    if config.commoncrawl is not None:
+        sizes = functools.partial(commoncrawl.file_spans, settings=config.commoncrawl)
+        urls = commoncrawl.list_files(config.commoncrawl)
+        spans += [span for spans in ctx.map(sizes, urls, f"{ctx.name}: dump files") for span in spans]
+    return group_by_size(spans, lambda span: span.size, config.split_bytes)
+
+
+def _archive_files(ctx: StageContext) -> list[str]:
     files: list[str] = []
     for entry in ctx.inputs:
         if entry.is_stage:
@@ -118,8 +143,6 @@ def list_extract_units(ctx: StageContext) -> list[str]:
                     ".warc, .warc.gz, .wet, .wet.gz, .arc or .arc.gz); narrow the glob in `input`"
                 )
             files.append(_file_name(path))
-    if ctx.config.commoncrawl is not None:
-        files.extend(commoncrawl.list_files(ctx.config.commoncrawl))
     return files
 
 
@@ -267,6 +290,8 @@ def _extract_record(record: ArchiveRecord, row: dict, config: ExtractConfig) -> 
             raise _Removal("extract:extractor_error", f"{type(error).__name__}: {error}") from None
     if not text:
         raise _Removal("extract:empty_text", "no text after extraction")
+    if len(text) > config.max_doc_chars:
+        raise _Removal("extract:too_long", f"{len(text):,} characters > max_doc_chars {config.max_doc_chars:,}")
     row["text"], row["title"] = text, title
 
 
@@ -275,9 +300,22 @@ def text_length_bin(chars: int) -> int:
     return max(0, bisect.bisect_right(TEXT_CHARS_EDGES, chars) - 1)
 
 
+def _span_records(span: ArchiveSpan, config: ExtractConfig, record_types: dict[str, int],
+                  download: dict[str, int]):
+    """The records of one span; a Common Crawl file through a retrying stream (in the cluster's
+    download limit), its requests, retries and bytes counted into `download`."""
+    settings = config.commoncrawl
+    from_dump = settings is not None and span.path.startswith(settings.base_url.rstrip("/") + "/")
+    if from_dump:
+        download["files"] = download.get("files", 0) + 1
+    with commoncrawl.opener(settings, download) if from_dump else nullcontext(storage.open_binary) as opener:
+        yield from iter_records(span.path, config.max_payload_bytes, counts=record_types, start=span.start,
+                                end=span.end, layout=span.layout, opener=opener)
+
+
 @source_stage("extract", ExtractConfig, units=list_extract_units)
-def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
-    """Turn every document record of one archive file into a kept or a removed row."""
+def extract_archive(unit: list[ArchiveSpan], config: ExtractConfig) -> PartitionOutput:
+    """Turn every document record of the spans of one unit into a kept or a removed row."""
     identify = langid.language_identifier(config.langid_model)
     kept: list[dict] = []
     removed: list[dict] = []
@@ -287,25 +325,24 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
     languages: dict[str, int] = {}
     charsets: dict[str, int] = {}
     text_chars = [0] * len(TEXT_CHARS_EDGES)
-    payload_bytes = 0
+    payload_bytes = skipped_bytes = 0
     download: dict[str, int] = {}
-    settings = config.commoncrawl
-    from_dump = settings is not None and warc_file.startswith(settings.base_url.rstrip("/") + "/")
-    with commoncrawl.opener(settings, download) if from_dump else nullcontext(storage.open_binary) as opener:
-        for record in iter_records(warc_file, config.max_payload_bytes, counts=record_types, opener=opener):
-            row = _row(record)
-            payload_bytes += len(record.payload or b"")
-            try:
-                _extract_record(record, row, config)
-            except _Removal as removal:
-                removed.append(row)
-                reasons.append(f"{removal.reason} ({removal.detail})" if removal.detail else removal.reason)
-                removed_by_reason[removal.reason] = removed_by_reason.get(removal.reason, 0) + 1
-                continue
-            charsets[row["charset"]] = charsets.get(row["charset"], 0) + 1
-            text_chars[text_length_bin(len(row["text"]))] += 1
-            kept.append(row)
-    # One call for the whole file: the language model scores many pages far faster than one at a time.
+    records = (record for span in unit for record in _span_records(span, config, record_types, download))
+    for record in records:
+        row = _row(record)
+        payload_bytes += len(record.payload or b"")
+        skipped_bytes += record.skipped_bytes
+        try:
+            _extract_record(record, row, config)
+        except _Removal as removal:
+            removed.append(row)
+            reasons.append(f"{removal.reason} ({removal.detail})" if removal.detail else removal.reason)
+            removed_by_reason[removal.reason] = removed_by_reason.get(removal.reason, 0) + 1
+            continue
+        charsets[row["charset"]] = charsets.get(row["charset"], 0) + 1
+        text_chars[text_length_bin(len(row["text"]))] += 1
+        kept.append(row)
+    # One call for the whole unit: the language model scores many pages far faster than one at a time.
     guesses = identify([row["text"][: config.langid_max_chars] for row in kept])
     for row, (lang, score) in zip(kept, guesses, strict=True):
         row["lang"], row["lang_score"] = lang, score
@@ -313,17 +350,19 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
     stats = {
         "extractor": config.extractor,
         "langid_model": langid.model_name(config.langid_model),
-        "files": 1,
-        "damaged_files": int(removed_by_reason.get("extract:unreadable", 0) > 0),
+        "files": sum(span.start == 0 for span in unit),
+        "spans": len(unit),
+        "unsplit_files": {span.path: span.note for span in unit if span.note},
         "records_by_type": record_types,
         "payload_bytes": payload_bytes,
+        "skipped_bytes": skipped_bytes,
         "languages": languages,
         "charsets": charsets,
         "text_chars": {"edges": TEXT_CHARS_EDGES, "counts": text_chars},
         "removed_by_reason": removed_by_reason,
     }
-    if from_dump:
-        stats["download"] = {"files": 1, "requests": 0, "retries": 0, "bytes": 0, **download}
+    if download:
+        stats["download"] = {"requests": 0, "retries": 0, "bytes": 0, **download}
     return PartitionOutput(
         kept=pa.Table.from_pylist(kept, schema=EXTRACT_SCHEMA),
         removed=io.with_reason(pa.Table.from_pylist(removed, schema=EXTRACT_SCHEMA), reasons),
