@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -84,9 +84,14 @@ def list_files(settings: CommonCrawlInput) -> list[str]:
 
 def file_spans(url: str, settings: CommonCrawlInput) -> list[ArchiveSpan]:
     """One dump file as one span, read whole. Common Crawl gzips every record as its own member
-    (WARC and WET alike), so the layout needs no probe; the size costs one (retried) request."""
-    with open_stream(url, settings, {}) as stream:
-        size = stream.seek(0, io.SEEK_END)
+    (WARC and WET alike), so the layout needs no probe; the size costs one (retried) request, or
+    none when `cache_dir` holds the file."""
+    cached = _cache_path(url, settings)
+    if cached is not None and cached.is_file():
+        size = cached.stat().st_size
+    else:
+        with open_stream(url, settings, {}) as stream:
+            size = stream.seek(0, io.SEEK_END)
     return [ArchiveSpan(url, 0, size, "members", "a Common Crawl file: read whole, in one stream")]
 
 
@@ -99,7 +104,8 @@ class RetryingHTTPStream(io.RawIOBase):
         self._response: httpx.Response | None = None
         self._chunks: Iterator[bytes] | None = None
         self._pending = b""
-        self._position = 0
+        self._position = 0  # where the next read starts
+        self._stream_at = 0  # the file offset the open response (with `_pending` first) is at
         self._size: int | None = None
 
     def readable(self) -> bool:
@@ -112,23 +118,25 @@ class RetryingHTTPStream(io.RawIOBase):
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move; an open response is kept until a read shows it is not at the new position."""
         if whence == io.SEEK_END:
             offset += self._total_size()
         elif whence == io.SEEK_CUR:
             offset += self._position
-        if offset != self._position:
-            self._drop()
-            self._position = offset
-        return self._position
+        self._position = offset
+        return offset
 
     def readinto(self, buffer) -> int:
+        return self._with_retries(lambda: self._read_some(buffer))
+
+    def _with_retries(self, step: Callable[[], Any]) -> Any:
         error: Exception | None = None
         for attempt in range(self.settings.retry.attempts):
             if attempt:
                 self.counters["retries"] = self.counters.get("retries", 0) + 1
                 time.sleep(self.settings.retry.delay(attempt - 1))
             try:
-                return self._read_some(buffer)
+                return step()
             except (httpx.TransportError, _Retry) as failure:
                 error = failure
                 self._drop()
@@ -138,6 +146,8 @@ class RetryingHTTPStream(io.RawIOBase):
     def _read_some(self, buffer) -> int:
         if self._size is not None and self._position >= self._size:
             return 0
+        if self._chunks is not None and self._stream_at != self._position:
+            self._drop()
         if self._chunks is None and not self._open():
             return 0
         while not self._pending:
@@ -151,6 +161,7 @@ class RetryingHTTPStream(io.RawIOBase):
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         self._position += n
+        self._stream_at += n
         self.counters["bytes"] = self.counters.get("bytes", 0) + n
         return n
 
@@ -176,12 +187,15 @@ class RetryingHTTPStream(io.RawIOBase):
             self._size = int(total) if total.isdigit() else None
         elif "Content-Length" in response.headers:
             self._size = self._position + int(response.headers["Content-Length"])
-        self._response, self._chunks = response, response.iter_raw(_CHUNK)
+        self._response, self._chunks, self._stream_at = response, response.iter_raw(_CHUNK), self._position
         return True
 
     def _total_size(self) -> int:
+        """The file's length, from the headers of a (retried) request that then serves the next read."""
         if self._size is None:
-            self._size = int(self._client.head(self.url).headers["Content-Length"])
+            self._with_retries(self._open)
+        if self._size is None:
+            raise OSError(f"{self.url}: the server does not say how long the file is")
         return self._size
 
     def _drop(self) -> None:
@@ -219,9 +233,15 @@ def opener(settings: CommonCrawlInput, counters: dict[str, int]) -> Iterator[Cal
         yield lambda url: open(_cached(url, settings, counters), "rb")
 
 
+def _cache_path(url: str, settings: CommonCrawlInput) -> Path | None:
+    """Where `cache_dir` keeps `url`: its path on the server, under the cache folder."""
+    if settings.cache_dir is None:
+        return None
+    return Path(settings.cache_dir).expanduser() / url.split("://", 1)[-1].split("/", 1)[-1]
+
+
 def _cached(url: str, settings: CommonCrawlInput, counters: dict[str, int]) -> Path:
-    relative = url.split("://", 1)[-1].split("/", 1)[-1]
-    target = Path(settings.cache_dir).expanduser() / relative
+    target = _cache_path(url, settings)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")

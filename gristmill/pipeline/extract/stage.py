@@ -43,6 +43,7 @@ from gristmill.pipeline.extract.archive import (
     iter_records,
     read_record,
 )
+from gristmill.pipeline.extract.commoncrawl import CommonCrawlInput
 from gristmill.pipeline.extract.text import normalize_text
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, group_by_size, source_stage
 
@@ -83,7 +84,7 @@ class ExtractConfig(StageConfig):
     split_bytes: ByteSize = Field(default=ByteSize(256 * 2**20), ge=1)
     # One document bigger than this costs gigabytes downstream (filters hold several copies).
     max_doc_chars: int = Field(default=1_000_000, ge=1)
-    commoncrawl: commoncrawl.CommonCrawlInput | None = None  # read a Common Crawl dump's paths list
+    commoncrawl: CommonCrawlInput | None = None  # read a Common Crawl dump's paths list
 
     @field_validator("max_payload_bytes", "langid_max_chars")
     @classmethod
