@@ -199,7 +199,7 @@ def test_a_run_killed_mid_stage_on_s3_resumes_to_the_same_parts(s3, tmp_path):
     for f in range(4):
         lines = [json.dumps({"text": f"file {f} document {i} " + "word " * (10 * i)}) for i in range(5)]
         s3.fs.pipe_file(f"{bucket}/in/part-{f}.jsonl", ("\n".join(lines) + "\n").encode())
-    stages = {"pages": {"type": "read", "input": f"s3://{bucket}/in/*.jsonl"},
+    stages = {"pages": {"type": "read", "input": f"s3://{bucket}/in/*.jsonl", "files_per_part": 1},
               "copy": {"type": "slow_copy", "input": "pages", "seconds_per_part": 0.8, "drop_shorter_than": 60}}
     workflow = tmp_path / "resume.yaml"
     workflow.write_text(yaml.safe_dump({"name": "resume", "imports": ["tests.runner_stages"],
@@ -292,7 +292,7 @@ def test_a_cluster_started_from_a_scheduler_file_runs_a_workflow_whose_run_folde
                       for _ in range(2)]
         with Client(scheduler_file=str(scheduler_file)) as client:
             client.wait_for_workers(2, timeout=60)
-        stages = {"pages": {"type": "read", "input": f"s3://{bucket}/in/*.jsonl"},
+        stages = {"pages": {"type": "read", "input": f"s3://{bucket}/in/*.jsonl", "files_per_part": 1},
                   "copy": {"type": "slow_copy", "input": "pages", "drop_shorter_than": 60}}
         workflow = tmp_path / "nodes.yaml"
         workflow.write_text(yaml.safe_dump({"name": "nodes", "imports": ["tests.runner_stages"],

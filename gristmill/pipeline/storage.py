@@ -180,9 +180,12 @@ def fingerprint_entry(path: Location) -> str:
 
 
 def open_binary(path: str | os.PathLike | Location) -> IO[bytes]:
-    """A readable binary stream for a local path or any fsspec URL."""
+    """A readable binary stream for a local path or any fsspec URL, with the full `io` interface
+    (fsspec's own files lack `readline(size)`)."""
     where = location(path)
-    return where.open("rb")
+    if not is_remote(where):
+        return open(where, "rb")
+    return io.BufferedReader(where.open("rb"))
 
 
 def read_parquet(path: str | Location, **kwargs: Any):
