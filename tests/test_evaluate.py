@@ -17,7 +17,7 @@ from rich.console import Console
 
 from gristmill import DATA_DIR
 from gristmill.model.evaluate import windows
-from gristmill.model.model import GPT, GPTConfig
+from gristmill.model.model import ModelConfig, Transformer
 from gristmill.pipeline import io
 from gristmill.pipeline.runner import StageError, run_workflow
 from gristmill.tokenize.recipes import train_byte_bpe
@@ -26,14 +26,14 @@ PAGES = sorted((DATA_DIR / "sample_site" / "handbook" / "en-US").glob("*.html"))
 TEXT = "The handbook explains how to build packages."
 
 
-def save_checkpoint(folder: Path, seq_len: int = 32, seed: int = 0) -> tuple[Path, GPT, object, int]:
-    """A small untrained GPT with a BPE tokenizer, saved as the training loop saves checkpoints."""
+def save_checkpoint(folder: Path, seq_len: int = 32, seed: int = 0) -> tuple[Path, Transformer, object, int]:
+    """A small untrained decoder with a BPE tokenizer, saved as the training loop saves checkpoints."""
     tokenizer = train_byte_bpe([extract_plain_text(p.read_text()) for p in PAGES], 400)
     eos = tokenizer.token_to_id("<|endoftext|>")
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), seq_len=seq_len, n_layer=1, n_head=2, n_embd=32)).eval()
+    model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), seq_len=seq_len, n_layer=1, n_head=2, n_embd=32)).eval()
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"gpt_config": asdict(model.config), "model": model.state_dict(), "eos_id": eos, "step": 7,
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict(), "eos_id": eos, "step": 7,
                 "tokenizer_json": tokenizer.to_str()}, folder / "checkpoint.pt")
     return folder / "checkpoint.pt", model, tokenizer, eos
 

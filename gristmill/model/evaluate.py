@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import Field
 
 from gristmill.pipeline import io
-from gristmill.pipeline.read import ReadConfig, read_files
+from gristmill.pipeline.read import ReadConfig, file_format, file_spans, read_files
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
 
@@ -44,7 +44,10 @@ def heldout_texts(ctx: StageContext, entry: str, max_docs: int | None) -> list[s
 
         texts = [t for p in io.kept_parts(source.stage_dir) for t in pq.read_table(p, columns=["text"])["text"].to_pylist()]
     else:
-        table = read_files([(str(p), p.name) for p in source.files], ReadConfig(type="read")).kept
+        config = ReadConfig(type="read")
+        spans = [span for p in source.files
+                 for span in file_spans(p, p.name, file_format(p, config.format), config.split_bytes)]
+        table = read_files(spans, config).kept
         texts = table.column("text").to_pylist()
     texts = [t for t in texts if t][:max_docs]
     if not texts:
@@ -134,6 +137,9 @@ def run_evaluate(ctx: StageContext) -> StageResult:
         model, tokenizer, checkpoint = load_model(path, device)
         if tokenizer is None:
             raise ValueError(f"stage {ctx.name!r}: model {name!r} ({path}) carries no tokenizer to encode text with")
+        if model.config.architecture != "decoder":
+            raise ValueError(f"stage {ctx.name!r}: model {name!r} ({path}) is an {model.config.architecture}; bits per "
+                             f"byte of a text are defined here for decoders (causal language models) only")
         for heldout, texts in sets.items():
             scored = score_texts(model, tokenizer, checkpoint.get("eos_id"), texts, config.batch_size)
             table.append({"model": name, "heldout": heldout, "checkpoint": str(path),
