@@ -2,9 +2,10 @@
 
 Input: archive files or globs (`.warc`, `.warc.gz`, `.wet`, `.wet.gz`, `.arc`, `.arc.gz`; Common
 Crawl's layout works with a glob such as `crawl-data/**/*.warc.gz`), or an upstream `crawl` stage,
-whose files are `<stage dir>/warc/*.warc.gz`. Work units are about `split_bytes` of archive: files
-gzipped record by record are cut at record boundaries (see `archive.archive_spans`), small files
-are grouped, and files that cannot be split are one unit each (stats say why).
+whose files are `<stage dir>/warc/*.warc.gz`, or a Common Crawl dump's paths list (`commoncrawl:`,
+see commoncrawl.py). Work units are about `split_bytes` of archive: local files gzipped record by
+record are cut at record boundaries (see `archive.archive_spans`), small files are grouped, and
+files that cannot be split, or live on object storage or the web, are one unit each (stats say why).
 
 Every response, resource and conversion (WET) record becomes exactly one row: kept with its text,
 or removed with a reason (`extract:truncated`, `extract:not_html`, ...). Requests, metadata and
