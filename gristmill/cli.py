@@ -127,17 +127,19 @@ def status(
 
 @app.command()
 def dashboard(
-    run_dir: Path | None = typer.Argument(None, help="Run folder (default: $GRISTMILL_RUN, else the runs/ folder)"),
+    run_dir: str | None = typer.Argument(
+        None, help="Run folder, a path or URL (default: $GRISTMILL_RUN, else the runs/ folder)"
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 keeps it on this machine"),
     port: int = typer.Option(8501, help="Port to serve on"),
 ) -> None:
     """Open the Streamlit dashboard over a run folder (or every run under runs/)."""
-    target = run_dir or Path(os.environ.get("GRISTMILL_RUN", "runs"))
+    target = storage.location(run_dir or os.environ.get("GRISTMILL_RUN", "runs"))
     app_path = Path(__file__).parent / "dashboards" / "app.py"
     command = [
         sys.executable, "-m", "streamlit", "run", str(app_path),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--", "--run", str(target.resolve()),
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--", "--run", str(target if storage.is_remote(target) else target.resolve()),
     ]
     raise typer.Exit(subprocess.call(command))
 

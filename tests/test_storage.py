@@ -28,6 +28,7 @@ from tests.quickstart import QUICKSTART
 REPO = Path(__file__).resolve().parents[1]
 GRISTMILL = [sys.executable, "-m", "gristmill.cli"]
 QUIET = Console(quiet=True)
+ACCESS_KEY, SECRET_KEY = "AKIAGRISTMILLTEST", "gristmill-test-secret-4f2a9c"  # moto accepts any
 
 
 @dataclass
@@ -52,7 +53,7 @@ def s3() -> Iterator[S3]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
@@ -117,6 +118,10 @@ def test_quickstart_with_its_run_folder_on_s3_gives_parts_byte_identical_to_a_lo
         assert io.read_json(remote / stage / io.DONE_FILE)["counts"] == io.read_json(local / stage / io.DONE_FILE)["counts"]
     assert io.read_json(remote / "extract" / io.DONE_FILE)["counts"]["in"] > 200
     assert not s3.fs.exists(f"{remote.path}/dedup/work")  # the shuffle's scratch files are gone
+
+    for key in s3.fs.find(remote.path):  # workflow.yaml, manifests, stats, parts: no credential anywhere
+        data = s3.fs.cat_file(key)
+        assert ACCESS_KEY.encode() not in data and SECRET_KEY.encode() not in data, key
 
     again = run_workflow(quickstart_on_s3.workflow, runs_dir=remote.parent, scheduler="synchronous", console=QUIET)
     assert io.read_json(again / "pii" / io.DONE_FILE) == io.read_json(remote / "pii" / io.DONE_FILE)  # skipped
