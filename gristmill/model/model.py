@@ -189,11 +189,13 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
 
     def forward(self, x: torch.Tensor, rotary=None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        H, D = self.config.n_head, self.config.head_size
+        B, T, _ = x.shape
+        qkv = self.qkv(x)
+        C, D = qkv.size(-1) // 3, self.config.head_size  # under tensor parallelism: this process's heads
+        H = C // D
         # split, not slicing a permuted view: its backward is one cat instead of zero-filled
         # buffers, copies and an add, and the gradient reaches the projection contiguous
-        qk, v = self.qkv(x).split((2 * C, C), dim=-1)
+        qk, v = qkv.split((2 * C, C), dim=-1)
         qk = qk.view(B, T, 2, H, D)
         if rotary is not None:
             cos, sin = rotary

@@ -1,0 +1,80 @@
+"""Checkpoints that outlive their layout: `torch.distributed.checkpoint` (DCP) writes every process's
+own shards in parallel, each tensor under its full-model name with its place in the whole, so any
+other layout (other process counts, sharding, tensor or pipeline degrees, or one process) reads back
+exactly the pieces it holds. `export_model` turns one into a plain single-process GPT.
+
+Optimizer state is stored flattened (`state.<parameter>.exp_avg`, ...), so a pipeline stage saves and
+loads only its own parameters' state. Tensors split with a stride (the fused projections under tensor
+parallelism) are written whole: DCP addresses contiguous chunks only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from gristmill.model.model import GPT, GPTConfig
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _strided(value) -> bool:
+    return isinstance(value, DTensor) and any(isinstance(p, _StridedShard) for p in value.placements)
+
+
+def _writable(state: dict) -> dict:
+    """`state` with strided DTensors gathered whole."""
+    return {key: value.full_tensor() if _strided(value) else value for key, value in state.items()}
+
+
+def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Write model, optimizer and step into `folder` (every process calls this). Written beside it
+    first and renamed when complete, so a killed save leaves the previous checkpoint intact."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+    partial = folder.with_name(folder.name + ".partial")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and partial.exists():
+        shutil.rmtree(partial)
+    state = {"model": _writable(model_state), "optimizer": _writable(optim_state), "step": torch.tensor(step)}
+    dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial.rename(folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Fill `model` and `optimizer` (any layout) from `folder`; returns the step it was saved at."""
+    if not (folder / ".metadata").is_file():
+        raise FileNotFoundError(f"{folder}: no distributed checkpoint here (its .metadata file is missing)")
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+    state = {"model": _writable(model_state), "optimizer": _writable(optim_state), "step": torch.tensor(0)}
+    dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    for loaded, original in ((state["model"], model_state), (state["optimizer"], optim_state)):
+        for key, value in original.items():
+            if _strided(value):
+                loaded[key] = distribute_tensor(loaded[key], value.device_mesh, value.placements)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=OPTIONS)
+    return int(state["step"])
+
+
+def export_model(folder: Path, config: GPTConfig) -> GPT:
+    """The whole model from `folder` as a plain GPT in this process (no process group needed)."""
+    model = GPT(config)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    model.load_state_dict(state["model"])
+    return model
