@@ -1,0 +1,128 @@
+"""Every parallel layout on real torchrun processes (gloo on loopback, one thread each): the losses of
+a split run equal those of one process on the same global batch, and its DCP checkpoint resumes
+under another layout (one plain process) with the same next losses.
+
+Tolerance: relative 1e-4 on every logged loss. The layouts add partial sums in another order (float32
+rounding, about 1e-7 relative per step); AdamW amplifies that a little over six steps, far below 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gristmill.model.config import TrainConfig
+from gristmill.model.loop import train
+from gristmill.model.parallel.mesh import plan_layout
+from gristmill.model.parallel.pipeline import stage_layers
+from gristmill.model.sample import load_checkpoint, load_model
+from tests.test_model_train import handbook_texts, shards, write_shards  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, SAVED_AT = 6, 3
+SETTINGS = dict(n_layer=2, n_head=4, n_embd=64, seq_len=64, tie_weights=False, max_steps=STEPS, warmup_steps=2,
+                log_every=1, eval_every=STEPS, eval_batches=2, checkpoint_every=100, progress=False)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> list[float]:  # noqa: F811
+    """Losses of one process with a global batch of 8 sequences."""
+    out = tmp_path_factory.mktemp("single")
+    torch.set_num_threads(1)
+    train(TrainConfig(**SETTINGS, batch_size=8), shards, out)
+    return losses(out)
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(shards: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object]) -> list[dict]:
+    """Train until SAVED_AT on `processes` CPU processes with `parallel`; the metrics records."""
+    settings = {**SETTINGS, "batch_size": batch_size, "stop_at": SAVED_AT} | {f"parallel.{k}": v for k, v in parallel.items()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()),
+               "-m", "gristmill.model.train", str(shards), "--out", str(out), "--device", "cpu",
+               *[f"--set={key}={value}" for key, value in settings.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+LAYOUTS = {
+    "zero1": (2, 4, {"shard": "optimizer"}),
+    "fsdp": (2, 4, {"shard": "full"}),
+    "tensor": (2, 8, {"tensor": 2}),
+    "pipeline_1f1b": (2, 8, {"pipeline": 2, "schedule": "1f1b", "microbatches": 2}),
+    "data_x_tensor": (4, 4, {"shard": "full", "tensor": 2}),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_one_process_and_resumes_on_one_process(name, tmp_path, shards, reference):  # noqa: F811
+    processes, batch_size, parallel = LAYOUTS[name]
+    out = tmp_path / name
+    records = torchrun(shards, out, processes, batch_size, parallel)
+    np.testing.assert_allclose([r["loss"] for r in records], reference[:SAVED_AT], rtol=1e-4)
+    assert len(records[-1]["memory_mb_per_rank"]) == processes and min(records[-1]["memory_mb_per_rank"]) > 0
+    assert records[-1]["layout"]["shard"] == parallel.get("shard", "none")
+    assert records[-1]["layout"]["data"] * records[-1]["layout"]["tensor"] * records[-1]["layout"]["pipeline"] == processes
+    assert (out / "checkpoint" / ".metadata").is_file() and load_checkpoint(out)["step"] == SAVED_AT
+
+    summary = train(TrainConfig(**SETTINGS, batch_size=8), shards, out, resume=True)  # one plain process
+    assert summary["steps"] == STEPS and summary["layout"] == {"pipeline": 1, "data": 1, "tensor": 1, "shard": "none"}
+    np.testing.assert_allclose(losses(out), reference, rtol=1e-4)
+    model, _, _ = load_model(out)  # the export holds the whole model
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]
+
+
+@pytest.mark.parametrize(
+    ("world_size", "parallel", "extra", "message"),
+    [
+        (3, {"tensor": 2}, {}, r"tensor \(2\) x pipeline \(1\) = 2 does not divide the 3 processes"),
+        (4, {"data": 3, "tensor": 2}, {}, r"data \(3\) x tensor \(2\) x pipeline \(1\) = 6, but 4 processes"),
+        (4, {"shard": "optimizer", "tensor": 2}, {}, "shard: optimizer"),
+        (4, {"tensor": 2}, {}, r"data \(2\) x tensor \(2\) needs shard: full"),
+        (3, {"tensor": 3}, {"n_head": 4}, r"tensor \(3\) must divide n_head \(4\)"),
+        (2, {"pipeline": 2}, {"tie_weights": True}, "tie_weights: false"),
+        (2, {"pipeline": 2, "microbatches": 3}, {"tie_weights": False}, r"microbatches \(3\) must divide batch_size"),
+        (4, {"pipeline": 4, "microbatches": 2}, {"tie_weights": False}, "n_layer"),
+    ],
+)
+def test_impossible_layouts_are_errors_naming_the_settings(world_size, parallel, extra, message):
+    config = TrainConfig(**{**SETTINGS, "n_layer": 2, **extra}, parallel=parallel)
+    with pytest.raises(ValueError, match=message):
+        plan_layout(config, world_size)
+
+
+def test_unknown_parallel_setting_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match="tensr"):
+        TrainConfig(parallel={"tensr": 2})
+
+
+def test_pipeline_stages_take_consecutive_layers_earlier_stages_one_more():
+    assert [list(stage_layers(5, 2, i)) for i in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [list(stage_layers(4, 4, i)) for i in range(4)] == [[0], [1], [2], [3]]
