@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from resiliparse.extract.html2text import extract_plain_text
 
 from gristmill.model.config import TrainConfig
 from gristmill.model.loop import train
 from gristmill.model.parallel.mesh import plan_layout
 from gristmill.model.parallel.pipeline import stage_layers
 from gristmill.model.sample import load_checkpoint, load_model
-from tests.test_model_train import handbook_texts, shards, write_shards  # noqa: F401 (fixtures)
+from tests.test_model_train import PAGES, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVED_AT = 6, 3
@@ -45,7 +46,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards) -> list[float]:  # noqa: F811
+def shards(tmp_path_factory) -> Path:
+    texts = [extract_plain_text(p.read_text(errors="replace")) for p in PAGES]
+    return write_shards(tmp_path_factory.mktemp("shards"), texts, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> list[float]:
     """Losses of one process with a global batch of 8 sequences."""
     out = tmp_path_factory.mktemp("single")
     torch.set_num_threads(1)
@@ -59,12 +66,12 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(shards: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object]) -> list[dict]:
+def torchrun(shards_dir: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object]) -> list[dict]:
     """Train until SAVED_AT on `processes` CPU processes with `parallel`; the metrics records."""
     settings = {**SETTINGS, "batch_size": batch_size, "stop_at": SAVED_AT} | {f"parallel.{k}": v for k, v in parallel.items()}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()),
-               "-m", "gristmill.model.train", str(shards), "--out", str(out), "--device", "cpu",
+               "-m", "gristmill.model.train", str(shards_dir), "--out", str(out), "--device", "cpu",
                *[f"--set={key}={value}" for key, value in settings.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -82,7 +89,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_one_process_and_resumes_on_one_process(name, tmp_path, shards, reference):  # noqa: F811
+def test_layout_matches_one_process_and_resumes_on_one_process(name, tmp_path, shards, reference):
     processes, batch_size, parallel = LAYOUTS[name]
     out = tmp_path / name
     records = torchrun(shards, out, processes, batch_size, parallel)

@@ -14,13 +14,13 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None, pipeline_
     """Scale the gradients so their global L2 norm is at most `max_norm` (as
     `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    sharded = [g for g in grads if isinstance(g, DTensor)]
+    alike: dict[object, list[torch.Tensor]] = {}  # one norm per kind of split (2-D layouts mix several)
+    for g in grads:
+        alike.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, []).append(g)
     squares = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    if plain:
-        squares += torch.nn.utils.get_total_norm(plain).float() ** 2
-    if sharded:
-        squares += torch.nn.utils.get_total_norm(sharded).full_tensor().float() ** 2
+    for kind, group in alike.items():
+        norm = torch.nn.utils.get_total_norm(group)
+        squares += (norm.full_tensor() if kind is not None else norm).float() ** 2
     if pipeline_group is not None:
         dist.all_reduce(squares, group=pipeline_group)
     norm = squares.sqrt()

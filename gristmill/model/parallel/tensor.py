@@ -41,7 +41,7 @@ def block_plan(model: GPT) -> dict[str, ColwiseParallel | RowwiseParallel]:
     return {
         "attn.qkv": FusedColwiseParallel(3),
         "attn.proj": RowwiseParallel(),
-        "mlp.up": FusedColwiseParallel(2 if model.config.mlp == "swiglu" else 1),
+        "mlp.up": FusedColwiseParallel(2) if model.config.mlp == "swiglu" else ColwiseParallel(),
         "mlp.down": RowwiseParallel(),
     }
 
