@@ -18,16 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from resiliparse.extract.html2text import extract_plain_text
+from rich.console import Console
 
 from gristmill.model.config import TrainConfig
 from gristmill.model.loop import train
 from gristmill.model.parallel.mesh import plan_layout
 from gristmill.model.parallel.pipeline import stage_layers
 from gristmill.model.sample import load_checkpoint, load_model
+from gristmill.pipeline.runner import run_workflow
 from tests.test_model_train import PAGES, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
 STEPS, SAVED_AT = 6, 3
 SETTINGS = dict(n_layer=2, n_head=4, n_embd=64, seq_len=64, tie_weights=False, max_steps=STEPS, warmup_steps=2,
                 log_every=1, eval_every=STEPS, eval_batches=2, checkpoint_every=100, progress=False)
@@ -66,33 +70,47 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(shards_dir: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object]) -> list[dict]:
-    """Train until SAVED_AT on `processes` CPU processes with `parallel`; the metrics records."""
+def torchrun(shards_dir: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object]) -> None:
+    """`torchrun -m gristmill.model.train` until SAVED_AT on `processes` CPU processes with `parallel`."""
     settings = {**SETTINGS, "batch_size": batch_size, "stop_at": SAVED_AT} | {f"parallel.{k}": v for k, v in parallel.items()}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()),
                "-m", "gristmill.model.train", str(shards_dir), "--out", str(out), "--device", "cpu",
                *[f"--set={key}={value}" for key, value in settings.items()]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def workflow_stage(shards_dir: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object]) -> None:
+    """The same, as a workflow's train stage that launches torchrun itself (`nproc_per_node`)."""
+    stage = {"type": "train", "input": str(shards_dir), **SETTINGS, "batch_size": batch_size, "stop_at": SAVED_AT,
+             "device": "cpu", "parallel": parallel, "nproc_per_node": processes}
+    workflow = out.parent / "workflow.yaml"
+    workflow.write_text(yaml.safe_dump({"name": "par", "dask": {"scheduler": "synchronous"}, "stages": {"train": stage}}))
+    run_dir = run_workflow(workflow, runs_dir=out.parent / "runs", console=Console(quiet=True))
+    stats = json.loads((run_dir / "train" / "stats.json").read_text())
+    assert stats["counts"]["steps"] == SAVED_AT and stats["layout"]["shard"] == parallel["shard"]
+    (run_dir / "train").rename(out)
+
+
+# name: (launcher, processes, batch_size per data replica, parallel settings)
 LAYOUTS = {
-    "zero1": (2, 4, {"shard": "optimizer"}),
-    "fsdp": (2, 4, {"shard": "full"}),
-    "tensor": (2, 8, {"tensor": 2}),
-    "pipeline_1f1b": (2, 8, {"pipeline": 2, "schedule": "1f1b", "microbatches": 2}),
-    "data_x_tensor": (4, 4, {"shard": "full", "tensor": 2}),
+    "zero1_as_a_workflow_stage": (workflow_stage, 2, 4, {"shard": "optimizer"}),
+    "fsdp": (torchrun, 2, 4, {"shard": "full"}),
+    "tensor": (torchrun, 2, 8, {"tensor": 2}),
+    "pipeline_1f1b": (torchrun, 2, 8, {"pipeline": 2, "schedule": "1f1b", "microbatches": 2}),
+    "data_x_tensor": (torchrun, 4, 4, {"shard": "full", "tensor": 2}),
 }
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_one_process_and_resumes_on_one_process(name, tmp_path, shards, reference):
-    processes, batch_size, parallel = LAYOUTS[name]
+def test_layout_matches_one_process_and_resumes_on_one_process(name, tmp_path, shards, reference, monkeypatch):
+    launch, processes, batch_size, parallel = LAYOUTS[name]
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
     out = tmp_path / name
-    records = torchrun(shards, out, processes, batch_size, parallel)
+    launch(shards, out, processes, batch_size, parallel)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["loss"] for r in records], reference[:SAVED_AT], rtol=1e-4)
     assert len(records[-1]["memory_mb_per_rank"]) == processes and min(records[-1]["memory_mb_per_rank"]) > 0
     assert records[-1]["layout"]["shard"] == parallel.get("shard", "none")
