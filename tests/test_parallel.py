@@ -21,6 +21,7 @@ import torch
 import yaml
 from resiliparse.extract.html2text import extract_plain_text
 from rich.console import Console
+from streamlit.testing.v1 import AppTest
 
 from gristmill.model.config import TrainConfig
 from gristmill.model.loop import train
@@ -90,7 +91,20 @@ def workflow_stage(shards_dir: Path, out: Path, processes: int, batch_size: int,
     run_dir = run_workflow(workflow, runs_dir=out.parent / "runs", console=Console(quiet=True))
     stats = json.loads((run_dir / "train" / "stats.json").read_text())
     assert stats["counts"]["steps"] == SAVED_AT and stats["layout"]["shard"] == parallel["shard"]
+    dashboard_shows_the_layout(run_dir, processes, parallel["shard"])
     (run_dir / "train").rename(out)
+
+
+def dashboard_shows_the_layout(run_dir: Path, processes: int, shard: str) -> None:
+    """The training page names the mesh and draws one memory bar per process."""
+    os.environ["GRISTMILL_RUN"] = str(run_dir)
+    at = AppTest.from_file(str(REPO / "gristmill" / "dashboards" / "app.py"), default_timeout=60)
+    at.query_params["page"] = "training"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert f"mesh 1 pipeline x {processes} data x 1 tensor, shard: {shard}" in [c.value for c in at.caption]
+    bars = [json.loads(chart.proto.spec)["data"] for chart in at.get("plotly_chart")]
+    assert any(len(trace[0]["y"]) == processes and trace[0]["type"] == "bar" for trace in bars)
 
 
 # name: (launcher, processes, batch_size per data replica, parallel settings)
@@ -108,6 +122,7 @@ def test_layout_matches_one_process_and_resumes_on_one_process(name, tmp_path, s
     launch, processes, batch_size, parallel = LAYOUTS[name]
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GRISTMILL_RUN", "")
     out = tmp_path / name
     launch(shards, out, processes, batch_size, parallel)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
