@@ -50,8 +50,11 @@ def plan_layout(config: TrainConfig, world_size: int) -> Layout:
     problems = []
     if p.shard == "optimizer" and inner > 1:
         problems.append("shard: optimizer (ZeRO-1) shards plain replicas only; use shard: full with tensor or pipeline")
-    if p.shard == "none" and data > 1 and p.tensor > 1:
-        problems.append(f"data ({data}) x tensor ({p.tensor}) needs shard: full (FSDP over the data dimension)")
+    if p.shard == "none" and data > 1 and inner > 1:
+        problems.append(
+            f"data ({data}) with tensor ({p.tensor}) x pipeline ({p.pipeline}) needs shard: full "
+            "(FSDP over the data dimension)"
+        )
     if config.n_head % p.tensor:
         problems.append(f"tensor ({p.tensor}) must divide n_head ({config.n_head})")
     if p.pipeline > 1:
