@@ -156,6 +156,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
     model = GPT(gpt_config).to(device)
     flops_per_token, num_params = model.flops_per_token(), model.num_params()
     run = parallel.Parallel(model, config, layout, mesh, device)
+    del model  # a pipeline stage keeps only its own layers
     optimizer = run.optimizer
     torch.manual_seed(config.seed + rank)  # dropout differs per process
     checkpoint_file = out_dir / CHECKPOINT_FILE

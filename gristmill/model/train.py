@@ -33,6 +33,8 @@ def parse_settings(pairs: list[str]) -> dict[str, object]:
         target = settings
         for parent in parents:
             target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise typer.BadParameter(f"--set {pair!r}: {parent!r} is not a mapping")
         target[name] = yaml.safe_load(value)
     return settings
 
