@@ -246,10 +246,9 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                 stop_if_not_finite(step, weights, ddp, last_finite, checkpoint_file, saved_step)
                 saved_step = step
                 rng_states = gather_rng_states(device, ddp, world_size)
-                dcp_checkpoint.save(out_dir / DCP_FOLDER, run.state_module, run.state_optimizer, step)
-                if master:
-                    whole = dcp_checkpoint.export_model(out_dir / DCP_FOLDER, gpt_config).to(device)
-                    save_checkpoint(checkpoint_file, whole, step, rng_states, config, info)
+                staged = dcp_checkpoint.save(out_dir / DCP_FOLDER, run.state_module, run.state_optimizer, step)
+                if master:  # sample, then checkpoint: a kill between them redoes both on resume
+                    whole = dcp_checkpoint.export_model(staged, gpt_config).to(device)
                     if info.tokenizer is not None and info.tokenizer.is_file():
                         text = sample_text(
                             whole,
@@ -260,6 +259,10 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                             seed=config.seed,
                         )
                         append_record(out_dir / SAMPLES_FILE, {"step": step, "prompt": config.sample_prompt, "text": text})
+                    dcp_checkpoint.publish(out_dir / DCP_FOLDER)
+                    save_checkpoint(checkpoint_file, whole, step, rng_states, config, info)
+                if ddp:
+                    dist.barrier()
             progress.update(task, completed=step)
     if ddp:
         dist.barrier()

@@ -64,24 +64,31 @@ def _writable(state: dict) -> dict:
     return {key: _whole(value) if _fused(value) else value for key, value in state.items()}
 
 
-def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Write model, optimizer and step into `folder` (every process calls this). Written beside it
-    first and renamed when complete, so a killed save leaves the previous checkpoint intact."""
+def staging(folder: Path) -> Path:
+    """Where `save` writes before `publish` renames it to `folder`."""
+    return folder.with_name(folder.name + ".partial")
+
+
+def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> Path:
+    """Write model, optimizer and step into `staging(folder)` (every process calls this) and return
+    it; until `publish`, a kill leaves the previous checkpoint in `folder` intact."""
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    partial = folder.with_name(folder.name + ".partial")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and partial.exists():
-        shutil.rmtree(partial)
+    staged = staging(folder)
+    distributed = dist.is_initialized()
+    if (not distributed or dist.get_rank() == 0) and staged.exists():
+        shutil.rmtree(staged)
     state = {"model": _writable(model_state), "optimizer": _writable(optim_state), "step": torch.tensor(step)}
-    dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
-    if dist.is_initialized():
+    dcp.save(state, checkpoint_id=staged, no_dist=not distributed)
+    if distributed:
         dist.barrier()
-    if rank == 0:
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
-    if dist.is_initialized():
-        dist.barrier()
+    return staged
+
+
+def publish(folder: Path) -> None:
+    """Replace `folder` with the complete checkpoint in `staging(folder)` (one process calls this)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging(folder).rename(folder)
 
 
 def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
