@@ -167,3 +167,14 @@ def test_unknown_parallel_setting_is_an_error_naming_the_key():
 def test_pipeline_stages_take_consecutive_layers_earlier_stages_one_more():
     assert [list(stage_layers(5, 2, i)) for i in range(2)] == [[0, 1, 2], [3, 4]]
     assert [list(stage_layers(4, 4, i)) for i in range(4)] == [[0], [1], [2], [3]]
+
+
+def test_a_checkpoint_never_published_is_ignored_and_replaced_on_resume(tmp_path, shards, reference):
+    out = tmp_path / "killed"
+    train(TrainConfig(**SETTINGS, batch_size=8, stop_at=SAVED_AT), shards, out)
+    staged = out / "checkpoint.partial"  # as a save killed before its rename leaves it
+    staged.mkdir()
+    (staged / "__0_0.distcp").write_bytes(b"torn")
+    train(TrainConfig(**SETTINGS, batch_size=8), shards, out, resume=True)
+    assert losses(out) == reference
+    assert not staged.exists() and load_checkpoint(out)["step"] == STEPS
