@@ -25,8 +25,9 @@ exact Jaccard (>= 0.8) of the same shingles. gristmill: its dedup stage's defaul
 `f1_unverified`). datasketch: `MinHashLSH(threshold=0.8).query` as returned (`reference_f1`) and
 those pairs verified the same way (`reference_f1_verified`).
 
-`--memory`: dedup of 200k short documents through the stage on a 2-worker LocalCluster,
-reporting each worker's peak resident memory.
+`--memory`: dedup of 200k short documents (`--documents N`) through the stage on a 2-worker
+LocalCluster: docs/s and the peak resident memory of the client and of each worker (psutil);
+`benchmarks/scale.py --dedup-docs N` runs the same.
 
 The last line printed is one JSON object.
 """
@@ -35,14 +36,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import random
-import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import sparse
@@ -246,37 +250,71 @@ def short_documents(n: int, folder: Path, parts: int, seed: int = 0) -> None:
         pq.write_table(pa.table({"id": ids, "url": [None] * len(chunk), "text": chunk}), folder / f"part-{p:03d}.parquet")
 
 
-def memory(n: int) -> dict:
-    """Run the dedup stage on `n` short documents on a 2-worker LocalCluster; peak RSS per worker."""
+class PeakRSS:
+    """Peak resident memory of some processes, sampled by a background thread every `interval` s."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.2):
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peaks = dict.fromkeys(pids, 0)
+        self.interval, self.stopped = interval, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for name, process in self.processes.items():
+                self.peaks[name] = max(self.peaks[name], process.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def memory(n: int, parts: int | None = None) -> dict:
+    """Dedup `n` short documents through the stage on a 2-worker LocalCluster: docs/s and the peak
+    resident memory of the client (this process, which also hosts the scheduler) and of each worker,
+    sampled with psutil. The documents are written by a separate process first, so the client's
+    figure is the stage's alone. Targets: client <= 1.5 GB, each worker <= 3 GB at 2,000,000."""
     import yaml
     from distributed import Client, LocalCluster
 
     from gristmill.pipeline.runner import run_workflow
 
-    with tempfile.TemporaryDirectory() as tmp, LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit="6GB"
-    ) as cluster, Client(cluster) as client:
+    parts = parts or max(8, n // 40_000)  # 40,000 documents a part: per-task memory as at 2,000,000
+    with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        short_documents(n, folder / "in", parts=40)
+        maker = multiprocessing.get_context("spawn").Process(target=short_documents, args=(n, folder / "in", parts))
+        maker.start()
+        maker.join()
+        if maker.exitcode != 0:
+            raise RuntimeError(f"writing {n} documents failed (exit code {maker.exitcode})")
         workflow = folder / "memory.yaml"
         workflow.write_text(yaml.safe_dump({"name": "memory", "stages": {
             "dedup": {"type": "dedup", "input": str(folder / "in" / "*.parquet")}}}))
-        started = time.perf_counter()
-        run_dir = run_workflow(workflow, runs_dir=folder / "runs", scheduler=cluster.scheduler_address)
-        wall = time.perf_counter() - started
-        peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        stats = io.read_json(run_dir / "dedup" / io.STATS_FILE)
-    peak_gb = [round(v / 2**30, 3) for v in peaks.values()]
-    print(f"{n} documents: {stats['counts']}, {wall:.1f}s, timings {stats['timings_s']}", file=sys.stderr)
-    return {"benchmark": "dedup_memory", "documents": n, "removed": stats["counts"]["removed"],
-            "wall_s": round(wall, 1), "peak_worker_gb": peak_gb, "max_peak_worker_gb": max(peak_gb),
-            "target_gb": 4}
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                          memory_limit="4GB") as cluster, Client(cluster) as client:
+            workers = {f"worker-{i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
+            with PeakRSS({"client": os.getpid(), **workers}) as rss:
+                started = time.perf_counter()
+                run_dir = run_workflow(workflow, runs_dir=folder / "runs", scheduler=cluster.scheduler_address)
+                wall = time.perf_counter() - started
+            stats = io.read_json(run_dir / "dedup" / io.STATS_FILE)
+    gb = {name: round(peak / 2**30, 3) for name, peak in rss.peaks.items()}
+    print(f"{n} documents in {parts} parts: {stats['counts']}, {wall:.1f}s, rounds {stats['components']['rounds']}, "
+          f"timings {stats['timings_s']}, peak RSS {gb}", file=sys.stderr)
+    return {"benchmark": "dedup_memory", "documents": n, "parts": parts, "removed": stats["counts"]["removed"],
+            "rounds": stats["components"]["rounds"], "wall_s": round(wall, 1), "docs_per_s": round(n / wall, 1),
+            "client_gb": gb["client"], "worker_gb": max(v for k, v in gb.items() if k != "client"),
+            "client_target_gb": 1.5, "worker_target_gb": 3.0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller set, under a minute")
-    parser.add_argument("--memory", action="store_true", help="peak worker memory for 200k short documents")
+    parser.add_argument("--memory", action="store_true", help="docs/s and peak client and worker memory for 200k short documents")
     parser.add_argument("--documents", type=int, default=200_000, help="documents for --memory")
     args = parser.parse_args()
     result = memory(args.documents) if args.memory else compare(args.quick)

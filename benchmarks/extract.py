@@ -41,6 +41,7 @@ from warcio.warcwriter import WARCWriter
 
 from benchmarks.measure import THREADS, interleaved, pin_threads
 from gristmill import DATA_DIR
+from gristmill.pipeline.extract.archive import archive_spans
 from gristmill.pipeline.extract.stage import ExtractConfig, extract_archive
 
 SITE = DATA_DIR / "sample_site"
@@ -65,7 +66,8 @@ def build_warc(path: Path, copies: int, seed: int = 0) -> int:
 
 def run_gristmill(path: Path) -> set[str]:
     """The URLs of the documents gristmill's extract stage keeps."""
-    return set(extract_archive(str(path), ExtractConfig(type="extract")).kept.column("url").to_pylist())
+    config = ExtractConfig(type="extract")
+    return set(extract_archive(archive_spans(path, config.split_bytes), config).kept.column("url").to_pylist())
 
 
 def run_datatrove(folder: Path) -> set[str]:

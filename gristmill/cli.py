@@ -9,12 +9,15 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from gristmill.model import cli as model_cli
 from gristmill.model.train import train_command
 from gristmill.pipeline import io
 from gristmill.pipeline.crawl import cli as crawl_cli
+from gristmill.pipeline.lock import RunLocked, current_holder
 from gristmill.pipeline.status import run_status
 from gristmill.pipeline.workflow import WorkflowError, load_workflow
 from gristmill.tokenize import cli as tokenizer_cli
@@ -25,6 +28,13 @@ app = typer.Typer(
     help="gristmill: web pages in, pretraining tokens and a trained model out; every stage inspectable.",
 )
 console = Console(stderr=True)
+
+
+def fail(label: str, error: object, code: int) -> typer.Exit:
+    """Print `label: error` as plain text (messages quote YAML and paths, which may hold `[`
+    that rich would read as markup) and return the exit to raise."""
+    console.print(Text(f"{label}: ", style="red"), Text(str(error)), sep="")
+    return typer.Exit(code)
 
 
 @app.command()
@@ -39,6 +49,9 @@ def run(
     only: str | None = typer.Option(None, help="Run only this stage (its inputs must be done)"),
     from_: str | None = typer.Option(None, "--from", help="Run this stage and everything downstream again"),
     until: str | None = typer.Option(None, help="Stop after this stage: run only it and what it depends on"),
+    force_unlock: bool = typer.Option(
+        False, help="Take the run folder's lock from a holder that is dead but still holds it (never a live run)"
+    ),
 ) -> None:
     """Run a workflow; stages already done with the same config and input are skipped."""
     from gristmill.pipeline.runner import StageError, run_workflow
@@ -46,15 +59,15 @@ def run(
     try:
         run_dir = run_workflow(
             workflow, runs_dir=runs_dir, overrides=set_, force=force, only=only, from_stage=from_, until=until,
-            scheduler=scheduler, console=console,
+            scheduler=scheduler, console=console, force_unlock=force_unlock,
         )
+    except RunLocked as error:
+        raise fail("run folder locked", error, 3) from None
     except WorkflowError as error:
-        console.print(f"[red]workflow error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise fail("workflow error", error, 2) from None
     except StageError as error:
-        console.print(f"[red]stage failed:[/red] {error}")
-        raise typer.Exit(1) from None
-    console.print(f"run folder: {run_dir}")
+        raise fail("stage failed", error, 1) from None
+    console.print(Text(f"run folder: {run_dir}"))
 
 
 @app.command()
@@ -69,14 +82,12 @@ def status(
         try:
             workflow = load_workflow(target)
         except WorkflowError as error:
-            console.print(f"[red]workflow error:[/red] {error}")
-            raise typer.Exit(2) from None
+            raise fail("workflow error", error, 2) from None
         run_dir = runs_dir / workflow.name
     try:
         statuses = run_status(run_dir)
     except FileNotFoundError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise fail("error", error, 2) from None
     if workflow is not None:
         from gristmill.pipeline.runner import config_hash
 
@@ -84,6 +95,8 @@ def status(
         by_name = {st.name: st for st in statuses}
         for name in workflow.order():  # a stage downstream of a stale one is stale too
             st = by_name.get(name)
+            if st is not None and st.state == "stale":
+                stale.add(st.name)
             if st is None or st.state != "done":
                 continue
             done = io.read_json(run_dir / st.name / io.DONE_FILE)
@@ -92,7 +105,7 @@ def status(
                 st.state = "stale"
                 stale.add(st.name)
     colours = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "magenta", "stale": "yellow"}
-    table = Table(title=f"run {run_dir}")
+    table = Table(title=escape(f"run {run_dir}"))
     for column in ("stage", "type", "input", "state", "in", "kept", "removed", "other counts", "wall s"):
         table.add_column(column, justify="right" if column in ("in", "kept", "removed", "wall s") else "left")
     for st in statuses:
@@ -101,12 +114,15 @@ def status(
         other = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items())
         state = f"[{colours.get(st.state, 'white')}]{st.state}[/]"
         wall = f"{st.wall_time_s:.1f}" if st.wall_time_s is not None and st.state == "done" else ""
-        table.add_row(st.name, st.type, ", ".join(st.inputs), state, *main, other, wall)
+        table.add_row(escape(st.name), escape(st.type), escape(", ".join(st.inputs)), state, *main, other, wall)
     # Piped output (CI logs, files) gets a wide table instead of the 80-column default.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+    holder = current_holder(run_dir)
+    if holder is not None:
+        console.print(Text(f"a run is writing this folder: {holder.describe()}"))
     for st in statuses:
-        if st.state == "failed" and st.error:
-            console.print(f"[red]{st.name} failed:[/red] {st.error}")
+        if st.state in ("failed", "stale") and st.error:
+            console.print(Text(f"{st.name} {st.state}: ", style="red"), Text(st.error), sep="")
 
 
 @app.command()
@@ -128,6 +144,8 @@ def dashboard(
 
 app.command("train")(train_command)
 app.command("sample")(model_cli.sample_command)
+app.command("fill-mask")(model_cli.fill_mask_command)
+app.command("export")(model_cli.export_command)
 app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.command("crawl")(crawl_cli.crawl_command)
 

@@ -8,8 +8,8 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 
 from gristmill.pipeline.crawl.frontier import Scope, normalize_url
+from gristmill.pipeline.crawl.links import read_links
 from gristmill.pipeline.crawl.safety import AddressPolicy
-from gristmill.pipeline.crawl.stage import read_links
 from gristmill.pipeline.crawl.warc import Exchange, WarcRoller, identify_payload_type
 
 

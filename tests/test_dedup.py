@@ -18,7 +18,7 @@ from resiliparse.extract.html2text import extract_plain_text
 from gristmill import DATA_DIR
 from gristmill.pipeline import io
 from gristmill.pipeline.dedup import minhash as mh
-from gristmill.pipeline.dedup.stage import connected_components
+from gristmill.pipeline.dedup.components import label_components, write_edges
 from gristmill.pipeline.runner import StageError, run_workflow
 
 PAGES = sorted((DATA_DIR / "sample_site").rglob("*.html"))
@@ -178,13 +178,21 @@ def test_bands_and_rows_match_datasketch_choice(threshold, num_perm):
         assert mh.optimal_bands_rows(threshold, num_perm, *weights) == _optimal_param(threshold, num_perm, *weights)
 
 
-def test_connected_components_label_each_component_by_its_smallest_node():
-    u = np.array([5, 7, 1, 20, -3])
-    v = np.array([7, 9, 5, 21, 20])
-    nodes, labels = connected_components(u, v)
-    assert dict(zip(nodes.tolist(), labels.tolist())) == {
-        -3: -3, 1: 1, 5: 1, 7: 1, 9: 1, 20: -3, 21: -3,
+def test_components_rounds_label_each_component_by_its_smallest_node(tmp_path):
+    chain = np.arange(100, 140)  # a path of 40 nodes: labels need many rounds to travel along it
+    u = np.concatenate([[5, 7, 1, 20, -3], chain[:-1]])
+    v = np.concatenate([[7, 9, 5, 21, 20], chain[1:]])
+    write_edges(tmp_path, "a", u[:3], v[:3], partitions=3)
+    write_edges(tmp_path, "b", u[3:], v[3:], partitions=3)
+    serial = lambda fn, items, _description: [fn(item) for item in items]  # noqa: E731
+    graph = label_components(tmp_path, 3, serial, "components")
+    labels = pa.concat_tables(graph.labels(p) for p in range(3))
+    assert dict(zip(labels.column("node").to_pylist(), labels.column("label").to_pylist())) == {
+        -3: -3, 1: 1, 5: 1, 7: 1, 9: 1, 20: -3, 21: -3, **{int(n): 100 for n in chain},
     }
+    assert graph.nodes == 7 + 40
+    assert 20 <= graph.rounds <= 41, "min-label propagation takes about the path's length in rounds"
+    assert graph.changed_per_round[-1] == 0 and sum(graph.changed_per_round) >= 39
 
 
 # ---------------------------------------------------------------------------------------------

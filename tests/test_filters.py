@@ -333,6 +333,22 @@ def test_language_allow_list_and_min_score():
         None, "language:not_allowed", None, "language:low_score", None]
 
 
+def test_language_allow_list_accepts_iso_639_1_and_639_3_codes():
+    config = only("language", allow=["eng", "de-DE", "yue", "kik"], min_score=None)
+    langs = ["en", "eng_Latn", "de", "deu", "yue", "ki", "fr", "fra", "wuu"]
+    assert reasons(["x"] * len(langs), config, langs=langs) == [None] * 6 + ["language:not_allowed"] * 3
+
+
+def test_gopher_repetition_ignores_blank_and_whitespace_only_lines():
+    config = only("gopher_repetition", dup_line_frac=0.3, dup_para_frac=0.3)
+    distinct = [f"line {filler(5, 10 * i)}" for i in range(6)]
+    spaced = "\n\t\n".join(distinct) + "\n \n"  # tab-only and space-only lines between every line
+    out = filter_documents(documents([spaced]), config)
+    assert out.kept.num_rows == 1
+    assert out.kept.column("gopher_dup_line_frac").to_pylist() == [0.0]
+    assert out.kept.column("gopher_dup_para_frac").to_pylist() == [0.0]
+
+
 def test_url_block_list_by_domain_file_and_word(tmp_path):
     blocklist = tmp_path / "domains.txt"
     blocklist.write_text("# adult sites\nblocked.example\n")

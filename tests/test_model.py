@@ -1,4 +1,4 @@
-"""The GPT model: every architecture option trains, masks hold, sampling filters, schedules, config."""
+"""The Transformer model: every architecture option trains, masks hold, sampling filters, schedules, config."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from gristmill.model.config import TrainConfig, load_config
 from gristmill.model.loop import learning_rate_at
 from gristmill.model.model import (
-    GPT,
-    CausalSelfAttention,
+    Attention,
     CrossEntropyFunction,
-    GPTConfig,
+    ModelConfig,
     RMSNorm,
     RMSNormFunction,
+    Transformer,
     alibi_slopes,
     apply_rotary,
     cross_entropy,
@@ -26,10 +26,10 @@ from gristmill.model.model import (
 VOCAB = 97
 
 
-def tiny(**overrides) -> GPT:
+def tiny(**overrides) -> Transformer:
     torch.manual_seed(0)
     settings = dict(vocab_size=VOCAB, seq_len=64, n_layer=2, n_head=4, n_embd=64) | overrides
-    return GPT(GPTConfig(**settings))
+    return Transformer(ModelConfig(**settings))
 
 
 def random_ids(batch: int = 2, length: int = 32, seed: int = 1) -> torch.Tensor:
@@ -138,12 +138,12 @@ def test_cpu_rmsnorm_matches_the_formula_forward_and_backward():
 @pytest.mark.parametrize("position", ["rope", "learned"])
 def test_attention_matches_a_plain_per_head_computation(position):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=VOCAB, seq_len=16, n_head=2, n_embd=32, position=position)
-    attention = CausalSelfAttention(config)
+    config = ModelConfig(vocab_size=VOCAB, seq_len=16, n_head=2, n_embd=32, position=position)
+    attention = Attention(config)
     x = torch.randn(2, 12, 32, requires_grad=True)
     cos, sin = rotary_tables(config.head_size, config.seq_len, config.rope_base)
     rotary = (cos[:12], sin[:12]) if position == "rope" else None
-    out = attention(x, rotary)
+    out = attention(x, rotary, is_causal=True)
 
     def rotate(t: torch.Tensor) -> torch.Tensor:  # pair (t[i], t[i + 8]) turned by position * base^(-i/8)
         angle = torch.arange(12.0)[:, None] * 10000.0 ** (-torch.arange(8.0) / 8)
@@ -200,7 +200,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert "lm_head.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
+    assert "lm_head.weight" in decayed and "decoder.blocks.0.attn.qkv.weight" in decayed
     assert not any(n.startswith(("wte", "wpe")) or "norm" in n or n.endswith("bias") for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 

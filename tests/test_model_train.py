@@ -24,9 +24,10 @@ from gristmill import DATA_DIR
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import TrainLoader, read_shards_info, val_batches
 from gristmill.model.loop import train
+from gristmill.model.objectives import Objective
 from gristmill.model.sample import load_checkpoint
 from gristmill.pipeline.runner import run_workflow
-from gristmill.tokenize.recipes import train_byte_bpe
+from gristmill.tokenize.recipes import objective_token_ids, train_byte_bpe
 from gristmill.tokenize.shards import open_shard, token_dtype, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,8 @@ def write_shards(folder: Path, texts: list[str], vocab_size: int, val_fraction: 
     dtype = token_dtype(tokenizer.get_vocab_size())
     write_shard(folder / "train_000000.bin", ids[:split], dtype)
     write_shard(folder / "val_000000.bin", ids[split:], dtype)
-    meta = {"vocab_size": tokenizer.get_vocab_size(), "eos_id": eos, "dtype": dtype.name, "tokenizer": "tokenizer.json"}
+    meta = {"vocab_size": tokenizer.get_vocab_size(), "eos_id": eos, "dtype": dtype.name, "tokenizer": "tokenizer.json",
+            **objective_token_ids(tokenizer)}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
@@ -85,7 +87,8 @@ def test_loader_is_deterministic_and_ranks_take_disjoint_slices(shards):
 
 
 def test_prefix_lm_batches_drop_targets_inside_the_prefix(shards):
-    batch = TrainLoader(read_shards_info(shards).train, 64, 8, 1, seed=3, prefix_lm=True).batch(1, 0)
+    objective = Objective(name="prefix_lm")
+    batch = TrainLoader(read_shards_info(shards).train, 64, 8, 1, seed=3, objective=objective).batch(1, 0)
     for row, prefix in enumerate(batch.prefix_len.tolist()):
         assert (batch.y[row, : prefix - 1] == -1).all() and (batch.y[row, prefix - 1 :] >= 0).all()
 
@@ -101,7 +104,7 @@ def test_bad_shard_folders_give_errors_naming_the_file(tmp_path, shards):
 
 
 def test_tiny_model_overfits_a_small_shard_below_the_unigram_entropy(tmp_path, handbook_texts):
-    small = write_shards(tmp_path / "small", handbook_texts[:1], vocab_size=300, val_fraction=0.2)
+    small = write_shards(tmp_path / "small", handbook_texts[:1], vocab_size=334, val_fraction=0.2)  # 300 + the 34 reserved tokens
     counts = np.bincount(np.asarray(open_shard(small / "train_000000.bin")))
     p = counts[counts > 0] / counts.sum()
     unigram_entropy = float(-(p * np.log(p)).sum())  # nats: the loss of the best context-free model

@@ -54,3 +54,48 @@ def test_write_exports_every_kept_document_as_gzipped_jsonl(tmp_path):
     exported = [json.loads(line) for f in files for line in gzip.decompress(f.read_bytes()).splitlines()]
     assert sorted(d["text"] for d in exported) == sorted(p.read_text() for p in PAGES)
     assert all(set(d) == {"id", "text"} for d in exported)
+
+
+def test_a_50_mb_single_line_document_is_removed_without_being_held(tmp_path):
+    import tracemalloc
+
+    from gristmill.pipeline.read import ReadConfig, file_spans, read_files
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as handle:
+        handle.write(b'{"text": "a normal page"}\n{"text": "')
+        for _ in range(50):
+            handle.write(b"fifty megabytes of one line " * 37_450)
+        handle.write(b'"}\n{"text": "the page after it"}\n')
+    config = ReadConfig(type="read")
+    tracemalloc.start()
+    output = read_files(file_spans(path, "huge.jsonl", "jsonl", config.split_bytes), config)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert output.kept.column("text").to_pylist() == ["a normal page", "the page after it"]
+    (reason,) = output.removed.column("reason").to_pylist()
+    length = path.stat().st_size - 26 - len('{"text": "the page after it"}\n')
+    assert reason == f"read:too_long (line at byte 26: {length:,} bytes > 12 x max_doc_chars 1,000,000)"
+    assert peak < 30 * 2**20  # the line is read in pieces of at most 12 x max_doc_chars, never whole
+
+
+def test_documents_over_max_doc_chars_are_removed_rows_in_every_format(tmp_path):
+    long_text, short_text = "long " * 400, "short enough"
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": short_text}) + "\n")
+    pq.write_table(pa.table({"text": [short_text, long_text]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text(long_text)
+    (tmp_path / "d.txt").write_text("x" * 5_000)  # over 4 bytes a character allows: not read whole
+    stages = {"docs": {"type": "read", "input": ["a.jsonl", "b.parquet", "c.txt", "d.txt"], "max_doc_chars": 1_000}}
+    run_dir = run_workflow(workflow(tmp_path, stages), runs_dir=tmp_path / "runs")
+    kept = pq.read_table(run_dir / "docs" / io.KEPT)
+    removed = pq.read_table(run_dir / "docs" / io.REMOVED).to_pylist()
+    assert kept.column("text").to_pylist() == [short_text, short_text]
+    assert [(r["source"], r["reason"]) for r in removed] == [
+        ("a.jsonl", "read:too_long (line at byte 0: 2,000 characters > max_doc_chars 1,000)"),
+        ("b.parquet", "read:too_long (row 1: 2,000 characters > max_doc_chars 1,000)"),
+        ("c.txt", "read:too_long (2,000 characters > max_doc_chars 1,000)"),
+        ("d.txt", "read:too_long (5,000 bytes > 4 x max_doc_chars 1,000)"),
+    ]
+    assert all(len(r["text"]) <= 10_000 for r in removed)
+    stats = json.loads((run_dir / "docs" / io.STATS_FILE).read_text())
+    assert stats["removed_by_reason"] == {"read:too_long": 4} and stats["files"] == 4

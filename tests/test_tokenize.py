@@ -91,6 +91,19 @@ def test_sample_budget_stops_at_documents_and_bytes(corpus):
     assert sum(sizes) <= 20_000 < sum(first_ten)
 
 
+def test_training_streams_part_by_part_and_a_capped_sample_never_opens_later_parts(corpus, tmp_path):
+    unreadable = tmp_path / "part-99999.parquet"
+    unreadable.write_bytes(b"not parquet: training must stop before it reaches this file")
+    parts = corpus + [unreadable]
+    first_part_docs = pq.ParquetFile(corpus[0]).metadata.num_rows
+    spec = TokenizerSpec(name="capped", kind="bpe", vocab_size=600)
+    trained = train_tokenizer(spec, parts, Sample(max_docs=first_part_docs + 3))
+    assert trained.train_docs == first_part_docs + 3
+    assert trained.tokenizer.get_vocab_size() > 300
+    with pytest.raises(ValueError, match=r"part-99999\.parquet: not a readable Parquet file"):  # uncapped, the stream does reach it
+        train_tokenizer(spec, parts, Sample())
+
+
 def test_three_kinds_reload_round_trip_and_keep_special_tokens(trained, corpus):
     held = [d["text"] for d in all_docs(corpus) if in_split([d["id"]], 0.1, 0)[0]]
     bpe = Tokenizer.from_file(str(trained["bpe"] / "tokenizer.json"))
@@ -238,11 +251,11 @@ def test_killed_pack_resumes_without_reencoding_finished_parts_or_rewriting_shar
     reused = []
 
     def counting_map(fn, items, description=""):
-        reused.extend((out / "_tokens" / f"part-{i:05d}.json").exists() for i, _ in items)
+        reused.extend((out / "_tokens" / f"unit-{i:05d}.json").exists() for i, _ in items)
         return serial_map(fn, items)
 
     meta = pack(corpus, out, trained["bpe"], counting_map, val_fraction=0.1, shard_tokens=30_000)
-    assert reused == [True, True]  # no part was encoded again
+    assert reused == [True, True]  # no unit was encoded again
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
     assert meta["shards"] == reference["shards"]
 

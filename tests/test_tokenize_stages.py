@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -70,15 +70,20 @@ def test_workflow_trains_compares_and_packs(corpus, tmp_path):  # noqa: F811
     assert len(texts) == meta["documents"]["val"] > 0 and set(texts) <= originals
 
 
-def test_pack_on_a_local_cluster_writes_the_same_shards(corpus, tmp_path):  # noqa: F811
-    sync = run_workflow(workflow_file(tmp_path / "a.yaml", corpus, {"scheduler": "synchronous"}),
-                        runs_dir=tmp_path / "runs")
-    dask = run_workflow(workflow_file(tmp_path / "b.yaml", corpus, {"n_workers": 2, "dashboard_address": None}),
-                        runs_dir=tmp_path / "runs")
-    a = json.loads((sync / "pack" / "meta.json").read_text())["shards"]
-    b = json.loads((dask / "pack" / "meta.json").read_text())["shards"]
-    assert a == b and len(a) > 2
-    assert np.array_equal(read_split(sync / "pack", "train"), read_split(dask / "pack", "train"))
+def test_pack_spread_over_one_or_two_workers_writes_byte_identical_shards(corpus, tmp_path):  # noqa: F811
+    runs = {}
+    for name, dask, unit_docs in (("sync", {"scheduler": "synchronous"}, 8192),
+                                  ("one", {"n_workers": 1, "dashboard_address": None}, 8192),
+                                  ("two", {"n_workers": 2, "dashboard_address": None}, 7)):
+        run_dir = run_workflow(workflow_file(tmp_path / f"{name}.yaml", corpus, dask, unit_docs=unit_docs),
+                               runs_dir=tmp_path / "runs")
+        runs[name] = json.loads((run_dir / "pack" / "meta.json").read_text())
+        files = sorted((run_dir / "pack").glob("*_*.bin"))
+        assert [s["sha256"] for s in runs[name]["shards"]] == [
+            hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(files, key=lambda f: (f.name[0] == "v", f.name))]
+    assert runs["sync"]["shards"] == runs["one"]["shards"] == runs["two"]["shards"]
+    assert len(runs["two"]["shards"]) > 2
+    assert runs["one"]["encode_units"] == len(corpus) < runs["two"]["encode_units"], "small units cut the parts"
 
 
 def test_bad_settings_are_errors_naming_the_key(corpus, tmp_path):  # noqa: F811

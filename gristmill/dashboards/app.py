@@ -17,6 +17,8 @@ from pathlib import Path
 import streamlit as st
 
 from gristmill.dashboards import (
+    ablations_page,
+    classify_page,
     crawl_page,
     dedup_page,
     extract_page,
@@ -34,9 +36,11 @@ PAGES = {
     "extract": ("Extract & language", extract_page.render),
     "filters": ("Filters", filters_page.render),
     "dedup": ("Dedup", dedup_page.render),
+    "classify": ("Quality classifier", classify_page.render),
     "pii": ("PII", pii_page.render),
     "tokenizers": ("Tokenizers", tokenizers_page.render),
     "training": ("Training", training_page.render),
+    "ablations": ("Ablations", ablations_page.render),
 }
 
 

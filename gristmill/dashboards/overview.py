@@ -11,7 +11,7 @@ from gristmill.dashboards.run_data import Run, StageView, UnreadableFile, discov
 from gristmill.dashboards.stage_gate import metric
 
 STATE_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "running": "#f9a825", "interrupted": "#8e24aa",
-                 "pending": "#9e9e9e"}
+                 "stale": "#ef6c00", "pending": "#9e9e9e"}
 # The page that shows each stage type (keys of app.PAGES).
 PAGE_OF_TYPE = {"crawl": "crawl", "extract": "extract", "filter": "filters", "dedup": "dedup", "pii": "pii",
                 "tokenizers": "tokenizers", "pack": "tokenizers", "train": "training"}
@@ -88,6 +88,9 @@ def render(run: Run) -> None:
             st.error(f"Stage `{s.name}` failed: {s.status.error or 'see its _FAILED.json'}")
         elif s.state == "interrupted":
             st.warning(f"Stage `{s.name}` was interrupted; `gristmill run` resumes it.")
+        elif s.state == "stale":
+            st.warning(f"Stage `{s.name}`'s output changed since it finished; `gristmill run` redoes it. "
+                       f"{s.status.error}")
 
     st.subheader("DAG")
     st.graphviz_chart(dag_dot(stages))

@@ -2,7 +2,7 @@
 
 A page draws only a stage that is done and whose `stats.json` parses; for every other state it
 shows one message (pending, running, interrupted, failed with the error from `_FAILED.json`,
-half-written) instead of a traceback.
+stale with the files that changed, half-written) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ def explain_state(stage: StageView) -> bool:
         return False
     if stage.state == "interrupted":
         st.warning(f"Stage {name} started but its process is gone (interrupted); `gristmill run` resumes it.")
+        return False
+    if stage.state == "stale":
+        st.warning(f"Stage {name} finished, but its output changed since (`gristmill run` redoes it): "
+                   f"{stage.status.error}")
         return False
     if stage.state == "failed":
         try:

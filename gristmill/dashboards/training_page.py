@@ -9,6 +9,7 @@ import streamlit as st
 
 from gristmill.dashboards.run_data import Run, StageView, UnreadableFile, read_jsonl, refresh_state
 from gristmill.dashboards.stage_gate import choose_stage, explain_state, metric
+from gristmill.model.config import DEFAULT_OBJECTIVE
 from gristmill.pipeline.status import read_run_workflow
 
 METRICS_FILE = "metrics.jsonl"
@@ -79,12 +80,20 @@ def show_training(stage: StageView, settings: dict) -> None:
     metric(cols[5], "parameters", stats.get("params"))
     if max_steps and isinstance(last.get("step"), int):
         st.progress(min(1.0, last["step"] / max_steps))
+    architecture = settings.get("architecture", "decoder")
+    objective = settings.get("objective") or DEFAULT_OBJECTIVE.get(architecture, "causal")
+    st.caption(f"architecture `{architecture}`, objective `{objective}`")
 
     left, right = st.columns(2)
     left.subheader("Loss")
     left.plotly_chart(_line(df, {"loss": "train", "val_loss": "validation"}, "loss"), width="stretch")
     right.subheader("Learning rate")
     right.plotly_chart(_line(df, {"lr": "lr"}, "learning rate"), width="stretch")
+    if "val_accuracy" in df and df["val_accuracy"].notna().any():
+        # top-1 accuracy on the objective's targets: masked tokens for MLM, next tokens or spans otherwise
+        label = "masked-token accuracy" if objective == "mlm" else "target-token accuracy"
+        st.subheader(f"Validation {label}")
+        st.plotly_chart(_line(df, {"val_accuracy": label}, "accuracy"), width="stretch")
     left, right = st.columns(2)
     left.subheader("Tokens per second")
     left.plotly_chart(_line(df, {"tokens_per_sec": "tokens/s"}, "tokens/s"), width="stretch")

@@ -1,6 +1,9 @@
-"""`gristmill sample` (`gristmill train` is in train.py, beside the loop it starts).
+"""`gristmill sample`, `gristmill fill-mask` and `gristmill export` (`gristmill train` is in train.py,
+beside the loop it starts).
 
     gristmill sample runs/my-model --prompt "The kernel" --temperature 0.8 --top-k 50
+    gristmill fill-mask runs/my-bert "The <mask> is loaded at boot" --top-k 5
+    gristmill export runs/quickstart/train --format hf exported/
 """
 
 from __future__ import annotations
@@ -45,3 +48,43 @@ def sample_command(
         typer.echo(text)
         if i + 1 < num_samples:
             typer.echo("---")
+
+
+def fill_mask_command(
+    checkpoint: Path = typer.Argument(..., help="checkpoint.pt of an encoder, or the training folder holding it"),
+    text: str = typer.Argument(..., help="text holding one or more mask tokens ([MASK] or <mask>)"),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Print the top-k tokens (with probabilities) an encoder predicts for each mask token in TEXT."""
+    import torch
+
+    from gristmill.model.sample import fill_mask, load_model
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model, tokenizer, _ = load_model(checkpoint, device)
+    if tokenizer is None:
+        raise typer.BadParameter(f"{checkpoint}: the checkpoint holds no tokenizer (its shards' meta.json named none)")
+    try:
+        _, choices = fill_mask(model, tokenizer, text, top_k)
+    except ValueError as error:
+        raise typer.BadParameter(f"{checkpoint}: {error}") from None
+    for number, options in enumerate(choices):
+        typer.echo(f"mask {number}: " + "  ".join(f"{token!r} {p:.3f}" for token, p in options))
+
+
+def export_command(
+    train_dir: Path = typer.Argument(..., help="checkpoint.pt, or the training folder holding it (RUN/train)"),
+    out: Path = typer.Argument(..., help="folder to write"),
+    export_format: str = typer.Option("hf", "--format", help="hf: a transformers folder (config.json, safetensors, tokenizer)"),
+) -> None:
+    """Export a trained model for another ecosystem (today: Hugging Face transformers)."""
+    from gristmill.model.export import NotExportable, export_hf
+
+    if export_format != "hf":
+        raise typer.BadParameter(f"--format {export_format!r}: only 'hf' is supported")
+    try:
+        folder = export_hf(train_dir, out)
+    except NotExportable as error:
+        raise typer.BadParameter(f"{train_dir}: {error}") from None
+    typer.echo(f"wrote {folder}")

@@ -14,6 +14,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Which objectives train which architecture; the first is the default.
+OBJECTIVES = {
+    "decoder": ("causal", "prefix_lm"),
+    "encoder": ("mlm",),
+    "encoder_decoder": ("span_corruption", "prefix_lm"),
+}
+DEFAULT_OBJECTIVE = {architecture: objectives[0] for architecture, objectives in OBJECTIVES.items()}
+
 
 class ParallelConfig(BaseModel):
     """How the processes started by torchrun split the work (see docs/parallelism.md). The product
@@ -33,18 +41,23 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # model
-    n_layer: int = Field(4, ge=1)
+    architecture: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    n_layer: int = Field(4, ge=1)  # per stack: an encoder-decoder has n_layer encoder and n_layer decoder layers
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)
     seq_len: int = Field(128, ge=2)
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    position: Literal["rope", "alibi", "learned"] = "rope"
+    norm_placement: Literal["pre", "post"] = "pre"  # post: BERT's original layout (exports to BERT)
+    position: Literal["rope", "alibi", "learned", "relative"] = "rope"  # relative: T5's bucketed bias
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     tie_weights: bool = True
     sliding_window: int | None = Field(None, ge=1)
     bias: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    objective: Literal["causal", "prefix_lm"] = "causal"
+    objective: Literal["causal", "prefix_lm", "mlm", "span_corruption"] | None = None  # None: the architecture's own
+    mask_fraction: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: share of tokens selected (BERT)
+    noise_density: float = Field(0.15, gt=0.0, lt=1.0)  # span_corruption: share of tokens dropped (T5)
+    mean_span: float = Field(3.0, ge=1.0)  # span_corruption: mean length of a dropped span (T5)
 
     # optimisation
     max_steps: int = Field(300, ge=1)
@@ -81,28 +94,38 @@ class TrainConfig(BaseModel):
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("position=rope needs an even head size (n_embd / n_head)")
+        if self.objective is None:
+            self.objective = DEFAULT_OBJECTIVE[self.architecture]
+        if self.objective not in OBJECTIVES[self.architecture]:
+            raise ValueError(
+                f"objective {self.objective!r} does not train architecture {self.architecture!r}; "
+                f"use one of {OBJECTIVES[self.architecture]}"
+            )
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
 
-    def gpt_config(self, vocab_size: int):
+    def transformer_config(self, vocab_size: int, decoder_start_id: int = 0):
         """The model's architecture for a vocabulary of `vocab_size` (torch is imported here, not
         at module import, so registering the stage stays cheap)."""
-        from gristmill.model.model import GPTConfig
+        from gristmill.model.model import ModelConfig
 
-        return GPTConfig(
+        return ModelConfig(
             vocab_size=vocab_size,
+            architecture=self.architecture,
             seq_len=self.seq_len,
             n_layer=self.n_layer,
             n_head=self.n_head,
             n_embd=self.n_embd,
             norm=self.norm,
+            norm_placement=self.norm_placement,
             position=self.position,
             mlp=self.mlp,
             tie_weights=self.tie_weights,
             sliding_window=self.sliding_window,
             bias=self.bias,
             dropout=self.dropout,
+            decoder_start_id=decoder_start_id,
         )
 
 

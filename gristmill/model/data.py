@@ -4,7 +4,8 @@ Every process draws the same global batch of window offsets from `numpy.random.d
 step])` and keeps its own disjoint slice (rank r of W takes rows r*B..(r+1)*B of each micro-batch),
 so a resumed run sees exactly the batches it would have seen, and W processes with batch B see the
 same global batch as one process with batch W*B. Windows may cross document boundaries (the EOS
-token separates documents), as in nanoGPT and llm.c.
+token separates documents), as in nanoGPT and llm.c. The objective (objectives.py) turns windows into
+inputs and targets, with one random generator per global row.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from gristmill.model.objectives import Batch, Objective
 from gristmill.tokenize.shards import META_FILE, open_shard
 
 
@@ -29,6 +30,8 @@ class ShardsInfo:
     tokenizer: Path | None
     train: list[Path]
     val: list[Path]
+    mask_id: int | None = None  # reserved for MLM
+    sentinel_ids: list[int] | None = None  # reserved for span corruption
 
 
 def read_shards_info(folder: str | Path) -> ShardsInfo:
@@ -56,14 +59,9 @@ def read_shards_info(folder: str | Path) -> ShardsInfo:
         tokenizer=tokenizer,
         train=train,
         val=sorted(folder.glob("val_*.bin")),
+        mask_id=meta.get("mask_id"),
+        sentinel_ids=meta.get("sentinel_ids") or [],
     )
-
-
-@dataclass
-class Batch:
-    x: torch.Tensor  # (B, T) input ids
-    y: torch.Tensor  # (B, T) target ids, -1 where no loss is taken
-    prefix_len: torch.Tensor | None = None  # (B,) for prefix-LM
 
 
 class ShardWindows:
@@ -105,35 +103,21 @@ class TrainLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        prefix_lm: bool = False,
+        objective: Objective | None = None,
     ):
         self.windows = ShardWindows(paths, seq_len)
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.prefix_lm = prefix_lm
+        self.objective = objective or Objective()
 
     def batch(self, step: int, micro_step: int) -> Batch:
         global_rows = self.batch_size * self.grad_accum * self.world_size
-        rng = np.random.default_rng([self.seed, step])
-        indices = rng.integers(0, self.windows.count, size=global_rows)
-        prefixes = rng.integers(1, self.windows.seq_len, size=global_rows) if self.prefix_lm else None
+        step_rng = np.random.default_rng([self.seed, step])
+        indices = step_rng.integers(0, self.windows.count, size=global_rows)
         first = (micro_step * self.world_size + self.rank) * self.batch_size
-        rows = slice(first, first + self.batch_size)
-        tokens = self.windows.windows(indices[rows])
-        return make_batch(tokens, None if prefixes is None else prefixes[rows])
-
-
-def make_batch(tokens: np.ndarray, prefix_len: np.ndarray | None) -> Batch:
-    """Inputs are tokens[:, :-1], targets tokens[:, 1:]; with a prefix of length P, the targets of
-    positions before P - 1 are dropped (those tokens are visible inside the bidirectional prefix)."""
-    x = torch.from_numpy(tokens[:, :-1].copy())
-    y = torch.from_numpy(tokens[:, 1:].copy())
-    if prefix_len is None:
-        return Batch(x, y)
-    prefix = torch.from_numpy(prefix_len.astype(np.int64))
-    positions = torch.arange(x.size(1))[None, :]
-    y = y.masked_fill(positions < prefix[:, None] - 1, -1)
-    return Batch(x, y, prefix)
+        rows = range(first, first + self.batch_size)
+        row_rngs = [np.random.default_rng([self.seed, step, row]) for row in rows]
+        return self.objective.batch(self.windows.windows(indices[first : first + self.batch_size]), row_rngs, step_rng)
 
 
 def val_batches(
@@ -143,17 +127,18 @@ def val_batches(
     n_batches: int,
     rank: int = 0,
     world_size: int = 1,
-    prefix_lm: bool = False,
+    objective: Objective | None = None,
 ) -> list[Batch]:
     """A fixed validation set: the first n_batches * batch_size * world_size non-overlapping
-    windows of the val shards (fewer if the shards are short), split across processes. With
-    prefix-LM every row gets a prefix of half the window."""
+    windows of the val shards (fewer if the shards are short), split across processes, with the
+    objective's randomness fixed per window."""
+    objective = objective or Objective()
     windows = ShardWindows(paths, seq_len)
     wanted = n_batches * batch_size * world_size
     mine = np.arange(0, windows.count, seq_len)[:wanted][rank::world_size]
     batches = []
     for i in range(0, len(mine), batch_size):
         rows = mine[i : i + batch_size]
-        prefix = np.full(len(rows), seq_len // 2) if prefix_lm else None
-        batches.append(make_batch(windows.windows(rows), prefix))
+        row_rngs = [np.random.default_rng([0, int(start)]) for start in rows]
+        batches.append(objective.batch(windows.windows(rows), row_rngs, np.random.default_rng([0, i])))
     return batches

@@ -38,12 +38,13 @@ from tokenizers import Tokenizer
 from gristmill.model import parallel
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import ShardsInfo, TrainLoader, read_shards_info, val_batches
-from gristmill.model.model import GPT
+from gristmill.model.model import Transformer
+from gristmill.model.objectives import make_objective
 from gristmill.model.parallel import checkpoint as dcp_checkpoint
 from gristmill.model.parallel.grads import local_finite
 from gristmill.model.parallel.mesh import build_mesh, plan_layout
 from gristmill.model.sample import CHECKPOINT_FILE, load_checkpoint, sample_text
-from gristmill.pipeline.io import write_bytes_atomic
+from gristmill.pipeline.io import remove_temporaries, write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -137,14 +138,16 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
     # ---- data
     info = read_shards_info(shards_dir)
-    prefix_lm = config.objective == "prefix_lm"
+    objective = make_objective(
+        config, info.vocab_size, info.eos_id, info.mask_id, info.sentinel_ids, info.folder / "meta.json"
+    )
     loader = TrainLoader(
         info.train, config.seq_len, config.batch_size, config.grad_accum, config.seed, data_rank, layout.data,
-        prefix_lm,
+        objective,
     )
     val = (
         val_batches(info.val, config.seq_len, config.batch_size, config.eval_batches, data_rank, layout.data,
-                    prefix_lm)
+                    objective)
         if info.val
         else []
     )
@@ -152,8 +155,8 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
     # ---- model and optimiser (same init on every process, then split by the layout)
     torch.manual_seed(config.seed)
-    gpt_config = config.gpt_config(info.vocab_size)
-    model = GPT(gpt_config).to(device)
+    model_config = config.transformer_config(info.vocab_size, objective.decoder_start_id)
+    model = Transformer(model_config).to(device)
     flops_per_token, num_params = model.flops_per_token(), model.num_params()
     run = parallel.Parallel(model, config, layout, mesh, device)
     del model  # a pipeline stage keeps only its own layers
@@ -163,9 +166,9 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
     step = 0
     if resume:
         checkpoint = load_checkpoint(checkpoint_file, device)
-        if checkpoint["gpt_config"] != asdict(gpt_config):
+        if checkpoint["model_config"] != asdict(model_config):
             raise ValueError(
-                f"{checkpoint_file}: model {checkpoint['gpt_config']} does not match the settings {asdict(gpt_config)}"
+                f"{checkpoint_file}: model {checkpoint['model_config']} does not match the settings {asdict(model_config)}"
             )
         step = dcp_checkpoint.load(out_dir / DCP_FOLDER, run.state_module, run.state_optimizer)
         rng = checkpoint["rng"]
@@ -174,6 +177,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
             if device.type == "cuda" and rng["cuda"]:
                 torch.cuda.set_rng_state(rng["cuda"][rank].cpu(), device)
     if master:
+        remove_temporaries(out_dir)  # e.g. a checkpoint half-written when a previous run was killed
         keep_records(out_dir / METRICS_FILE, step)
         keep_records(out_dir / SAMPLES_FILE, step)
 
@@ -195,10 +199,8 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for micro_step in range(config.grad_accum):
-                batch = loader.batch(step, micro_step)
-                x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
-                prefix = batch.prefix_len.to(device) if batch.prefix_len is not None else None
-                loss_sum += run.forward_backward(x, y, prefix, micro_step == config.grad_accum - 1, autocast)
+                inputs = loader.batch(step, micro_step).inputs(device)
+                loss_sum += run.forward_backward(inputs, micro_step == config.grad_accum - 1, autocast)
             grad_norm = run.clip_grad_norm(config.grad_clip)
             # before the update: a NaN gradient never reaches the weights
             stop_if_not_finite(step, {"loss": loss_sum, "gradient norm": grad_norm}, ddp, last_finite,
@@ -214,7 +216,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
             is_last = step == last_step
             evaluate = bool(info.val) and (step % config.eval_every == 0 or is_last)
-            val_loss = validation_loss(run, val, device, autocast, ddp) if evaluate else None
+            val_loss, val_accuracy = validation_metrics(run, val, device, autocast, ddp) if evaluate else (None, None)
             if step % config.log_every == 0 or is_last or evaluate or step == 1:
                 if ddp:  # pipeline stages before the last contribute zeros
                     dist.all_reduce(loss_sum)
@@ -225,6 +227,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                     "step": step,
                     "loss": loss_sum.item(),
                     "val_loss": val_loss,
+                    "val_accuracy": val_accuracy,
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens": step * tokens_per_step,
@@ -237,7 +240,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                 interval_time, interval_steps = 0.0, 0
                 summary.update(final_loss=record["loss"], mfu=mfu)
                 if val_loss is not None:
-                    summary["val_loss"] = val_loss
+                    summary.update(val_loss=val_loss, val_accuracy=val_accuracy)
                 if master:
                     append_record(out_dir / METRICS_FILE, record)
                 progress.update(task, loss=f"loss {record['loss']:.3f}")
@@ -248,7 +251,7 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                 rng_states = gather_rng_states(device, ddp, world_size)
                 staged = dcp_checkpoint.save(out_dir / DCP_FOLDER, run.state_module, run.state_optimizer, step)
                 if master:  # sample, then checkpoint: a kill between them redoes both on resume
-                    whole = dcp_checkpoint.export_model(staged, gpt_config).to(device)
+                    whole = dcp_checkpoint.export_model(staged, model_config).to(device)
                     if info.tokenizer is not None and info.tokenizer.is_file():
                         text = sample_text(
                             whole,
@@ -277,21 +280,28 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
 
 @torch.no_grad()
-def validation_loss(run: parallel.Parallel, batches, device: torch.device, autocast, ddp: bool) -> float:
-    """Mean loss over this process's val batches, averaged over all processes (token-weighted;
-    tensor-parallel copies count alike, pipeline stages without a loss count nothing)."""
+def validation_metrics(run: parallel.Parallel, batches, device: torch.device, autocast, ddp: bool) -> tuple[float, float]:
+    """The objective's loss on its targets and the share of targets predicted exactly (top-1;
+    for MLM the masked-token accuracy), over this process's val batches and then all processes,
+    token-weighted (tensor-parallel copies count alike, pipeline stages without the head nothing)."""
     run.train(False)
-    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
     for batch in batches:
-        prefix = batch.prefix_len.to(device) if batch.prefix_len is not None else None
-        loss = run.eval_loss(batch.x.to(device), batch.y.to(device), prefix, autocast)
-        if loss is not None:
-            scored = int((batch.y != -1).sum())
-            totals += torch.tensor([loss.item() * scored, scored], device=device, dtype=torch.float64)
+        inputs = batch.inputs(device)
+        result = run.evaluate(inputs, autocast)
+        if result is None:
+            continue
+        logits, loss = result
+        scored = inputs["targets"] != -1
+        if logits.dim() == 3:  # decoders return every position; the encoder only its scored ones
+            logits = logits[scored]
+        correct = (logits.argmax(-1) == inputs["targets"][scored]).sum()
+        count = scored.sum()
+        totals += torch.stack([loss.double() * count, correct.double(), count.double()])
     if ddp:
         dist.all_reduce(totals)
     run.train(True)
-    return (totals[0] / totals[1]).item()
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
 def memory_per_rank(device: torch.device, ddp: bool, world_size: int) -> list[float]:
@@ -317,7 +327,7 @@ def gather_rng_states(device: torch.device, ddp: bool, world_size: int) -> dict[
     }
 
 
-def save_checkpoint(path: Path, model: GPT, step: int, rng_states, config: TrainConfig, info: ShardsInfo):
+def save_checkpoint(path: Path, model: Transformer, step: int, rng_states, config: TrainConfig, info: ShardsInfo):
     """Write the single-file export beside the DCP checkpoint: the whole model, what a same-layout
     resume restores exactly (RNG states, data position), and what sampling needs (config,
     tokenizer); tensors and plain containers only (weights_only load)."""
@@ -328,7 +338,7 @@ def save_checkpoint(path: Path, model: GPT, step: int, rng_states, config: Train
         "data": {"seed": config.seed, "next_step": step + 1},
         "rng": rng_states,
         "config": config.model_dump(),
-        "gpt_config": asdict(model.config),
+        "model_config": asdict(model.config),
         "eos_id": info.eos_id,
         "tokenizer_json": tokenizer_json,
         "shards_dir": str(info.folder),
@@ -340,11 +350,25 @@ def save_checkpoint(path: Path, model: GPT, step: int, rng_states, config: Train
 
 def keep_records(path: Path, up_to_step: int) -> None:
     """Drop JSON-lines records after `up_to_step` (all of them for a fresh run), so a resumed run
-    does not log a step twice."""
+    does not log a step twice. A torn last line (a kill mid-write) is dropped; a damaged line
+    elsewhere is an error naming the file and line."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
-    write_bytes_atomic("".join(line + "\n" for line in lines).encode(), path)
+    lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a record with a 'step' ({error}); fix or remove it") from None
+        if step <= up_to_step:
+            kept.append(line)
+    write_bytes_atomic("".join(line + "\n" for line in kept).encode(), path)
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The `train` workflow stage: train a GPT on the shards of one upstream `pack` stage (or of a
+"""The `train` workflow stage: train a Transformer on the shards of one upstream `pack` stage (or of a
 folder named by path that holds `meta.json` and `train_*.bin` / `val_*.bin`).
 
 It writes `checkpoint.pt`, `metrics.jsonl` and `samples.jsonl` into its stage folder (see
@@ -32,7 +32,9 @@ def train_stage(ctx: StageContext) -> StageResult:
             f"stage {ctx.name!r}: input must be exactly one pack stage or one folder holding {META_FILE} "
             f"and token shards, got {ctx.config.input}"
         )
-    settings = TrainConfig.model_validate(ctx.config.model_dump(exclude={"type", "input", "nproc_per_node"}))
+    own = ctx.config.own_settings()
+    own.pop("nproc_per_node")  # how many processes, not how to train
+    settings = TrainConfig.model_validate(own)
     resume = (ctx.stage_dir / CHECKPOINT_FILE).is_file()
     if ctx.config.nproc_per_node > 1:
         from gristmill.model.parallel.launch import torchrun_train
@@ -42,6 +44,6 @@ def train_stage(ctx: StageContext) -> StageResult:
         summary = train(settings, shard_dirs[0], ctx.stage_dir, resume=resume)
     stats = {
         key: summary.get(key)
-        for key in ("final_loss", "val_loss", "tokens_per_sec", "mfu", "params", "flops_per_token", "layout")
+        for key in ("final_loss", "val_loss", "val_accuracy", "tokens_per_sec", "mfu", "params", "flops_per_token", "layout")
     }
     return StageResult(counts={"steps": summary["steps"], "tokens": summary["tokens"]}, stats=stats)

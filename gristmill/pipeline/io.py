@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,59 @@ DOCUMENT_SCHEMA = pa.schema(
 )
 
 
-def part_name(index: int) -> str:
-    """`part-00007.parquet`: parts are numbered by their position in the stage's input."""
-    return f"part-{index:05d}.parquet"
+def part_name(index: int, piece: int | None = None) -> str:
+    """`part-00007.parquet`: parts are numbered by their position in the stage's input. A unit whose
+    output is over the part caps writes pieces, `part-00007-0000.parquet`, `part-00007-0001.parquet`,
+    which sort between `part-00006` and `part-00008`, so name order is still input order."""
+    return f"part-{index:05d}.parquet" if piece is None else f"part-{index:05d}-{piece:04d}.parquet"
+
+
+def split_table(table: pa.Table, max_rows: int | None, max_bytes: int | None) -> list[pa.Table]:
+    """`table` cut, in order, into slices of at most `max_rows` rows and `max_bytes` bytes of Arrow
+    memory each (a single row larger than `max_bytes` is a slice of its own); at least one slice."""
+    max_rows = max_rows or max(table.num_rows, 1)
+    slices: list[pa.Table] = []
+    start = 0
+    while start < table.num_rows or not slices:
+        end = min(start + max_rows, table.num_rows)
+        if max_bytes is not None and table.slice(start, end - start).nbytes > max_bytes:
+            low, high = start + 1, end  # slice bytes grow with its end: binary search the longest that fits
+            while low < high:
+                middle = (low + high + 1) // 2
+                if table.slice(start, middle - start).nbytes <= max_bytes:
+                    low = middle
+                else:
+                    high = middle - 1
+            end = low
+        slices.append(table.slice(start, end - start))
+        start = end
+    return slices
+
+
+def write_parts(table: pa.Table, folder: str | os.PathLike, index: int, max_rows: int | None,
+                max_bytes: int | None) -> list[str]:
+    """Write `table` as part `index` of `folder`, in pieces when it is over the caps; returns the
+    part names, in order."""
+    slices = split_table(table, max_rows, max_bytes)
+    names = [part_name(index)] if len(slices) == 1 else [part_name(index, i) for i in range(len(slices))]
+    for name, piece in zip(names, slices):
+        write_parquet_atomic(piece, Path(folder) / name)
+    return names
 
 
 def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that killed writers left anywhere under `folder`; call it only
+    while no one else writes there (the run lock). Returns how many were removed."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp-*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
@@ -75,6 +122,15 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def remove_tree_inside(path: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Delete the folder `path`, refusing (ValueError) unless it lies strictly inside `root`: the
+    runner only ever deletes inside a run folder, whatever a workflow calls its stages."""
+    target, base = Path(path).resolve(), Path(root).resolve()
+    if base not in target.parents:
+        raise ValueError(f"refusing to delete {path}: it resolves to {target}, outside the run folder {base}")
+    shutil.rmtree(target)
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
@@ -147,6 +203,25 @@ def with_reason(table: pa.Table, reason: str | list[str]) -> pa.Table:
     if "reason" in table.column_names:
         return table.set_column(table.schema.get_field_index("reason"), "reason", column)
     return table.append_column("reason", column)
+
+
+def without_pii_originals(table: pa.Table) -> pa.Table:
+    """`table` with `pii_spans[].original` (the strings the pii stage replaced) set to null, type
+    unchanged: those strings stay in the pii stage's own folder unless an export asks for them."""
+    if "pii_spans" not in table.column_names:
+        return table
+    spans = table.column("pii_spans").combine_chunks()
+    entries = spans.values
+    if "original" not in [field.name for field in entries.type]:
+        return table
+    fields = list(entries.type)
+    children = [
+        pa.nulls(len(entries), field.type) if field.name == "original" else entries.field(field.name)
+        for field in fields
+    ]
+    scrubbed = pa.StructArray.from_arrays(children, fields=fields, mask=entries.is_null())
+    column = pa.ListArray.from_arrays(spans.offsets, scrubbed, mask=spans.is_null())
+    return table.set_column(table.schema.get_field_index("pii_spans"), "pii_spans", column)
 
 
 def empty_documents(extra: pa.Schema | None = None) -> pa.Table:

@@ -14,7 +14,9 @@ BUILTIN_STAGE_MODULES = (
     "gristmill.pipeline.filter.stage",
     "gristmill.pipeline.dedup.stage",
     "gristmill.pipeline.pii.stage",
+    "gristmill.pipeline.classify.stage",
     "gristmill.model.stage",
+    "gristmill.model.evaluate",
     "gristmill.tokenize.stages",
 )
 

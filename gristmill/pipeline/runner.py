@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -20,13 +19,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gristmill import __version__
-from gristmill.pipeline import io
+from gristmill.pipeline import integrity, io
+from gristmill.pipeline.lock import run_lock
 from gristmill.pipeline.stage import (
     STAGE_TYPES,
     PartitionOutput,
@@ -55,19 +57,40 @@ def _part_state_path(stage_dir: Path, index: int) -> Path:
     return stage_dir / io.PARTS_STATE_DIR / io.part_name(index).replace(".parquet", ".json")
 
 
-def _write_partition(stage_dir: Path, index: int, output: PartitionOutput, rows_in: int, started: float) -> dict:
-    name = io.part_name(index)
-    io.write_parquet_atomic(output.kept, stage_dir / io.KEPT / name)
-    io.write_parquet_atomic(output.removed, stage_dir / io.REMOVED / name)
+def _write_partition(stage_dir: Path, index: int, output: PartitionOutput, rows_in: int, started: float,
+                     config: Any) -> dict:
+    """Write one unit's kept and removed documents as parts within the stage's caps, then its state."""
+    caps = (config.max_part_rows, config.max_part_bytes)
+    written = {
+        io.KEPT: io.write_parts(output.kept, stage_dir / io.KEPT, index, *caps),
+        io.REMOVED: io.write_parts(output.removed, stage_dir / io.REMOVED, index, *caps),
+    }
     state = {
-        "part": name,
+        "part": io.part_name(index),
+        "kept_parts": written[io.KEPT],
+        "removed_parts": written[io.REMOVED],
         "in": rows_in,
         "kept": output.kept.num_rows,
         "removed": output.removed.num_rows,
         "seconds": round(time.perf_counter() - started, 4),
         "stats": output.stats,
+        "parts": {
+            f"{sub}/{name}": integrity.part_record(stage_dir / sub / name)
+            for sub, names in written.items()
+            for name in names
+        },
     }
     io.write_json_atomic(state, _part_state_path(stage_dir, index))
+    return state
+
+
+def _finished_part(stage_dir: Path, index: int) -> dict | None:
+    """The state of a part a previous attempt finished, if its files are still the ones it wrote."""
+    state = io.read_json(_part_state_path(stage_dir, index))
+    if state is None:
+        return None
+    if any(integrity.part_problem(stage_dir / name, record) for name, record in state.get("parts", {}).items()):
+        return None
     return state
 
 
@@ -77,31 +100,34 @@ def process_document_part(
     """Apply a document stage to one input part; skip it when a previous attempt finished it."""
     index, in_path = item
     stage_path = Path(stage_dir)
-    done = io.read_json(_part_state_path(stage_path, index))
+    done = _finished_part(stage_path, index)
     if done is not None:
         return done
     started = time.perf_counter()
-    table = pq.read_table(in_path)
+    try:
+        table = io.without_pii_originals(pq.read_table(in_path))  # they stay in the pii stage's folder
+    except pa.ArrowException as error:
+        raise StageError(f"stage {stage_name!r}: cannot read part {in_path}: {error}") from None
     output = fn(table, config)
     if output.kept.num_rows + output.removed.num_rows != table.num_rows:
         raise ConservationError(
             f"stage {stage_name!r}, part {in_path}: {table.num_rows} rows in but "
             f"{output.kept.num_rows} kept + {output.removed.num_rows} removed"
         )
-    return _write_partition(stage_path, index, output, table.num_rows, started)
+    return _write_partition(stage_path, index, output, table.num_rows, started, config)
 
 
 def process_source_unit(item: tuple[int, Any], fn: Callable, config: Any, stage_dir: str) -> dict:
     """Turn one source unit (file, group of files) into a part; skip it when already finished."""
     index, unit = item
     stage_path = Path(stage_dir)
-    done = io.read_json(_part_state_path(stage_path, index))
+    done = _finished_part(stage_path, index)
     if done is not None:
         return done
     started = time.perf_counter()
     output = fn(unit, config)
     rows = output.kept.num_rows + output.removed.num_rows
-    return _write_partition(stage_path, index, output, rows, started)
+    return _write_partition(stage_path, index, output, rows, started, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,11 +219,17 @@ def config_hash(workflow: Workflow, stage: str) -> str:
 def input_fingerprint(workflow: Workflow, stage: str, run_dir: Path) -> str:
     """What the stage reads: upstream stages' output fingerprints and path inputs' file stats."""
     parts = []
-    for entry in workflow.stages[stage].input:
+    for entry in workflow.stages[stage].references():
         if entry in workflow.stages:
             done = io.read_json(run_dir / entry / io.DONE_FILE)
             if done is None:
                 raise StageError(f"stage {stage!r} needs stage {entry!r}, which has not finished")
+            problems = integrity.output_problems(run_dir / entry, done)
+            if problems:
+                raise StageError(
+                    f"stage {stage!r} needs stage {entry!r}, whose output changed since it finished "
+                    f"(run {entry!r} again):\n  " + "\n  ".join(problems)
+                )
             parts.append(["stage", entry, done["output_fingerprint"]])
         else:
             files = io.expand_paths(str(resolve_input_path(entry, workflow.directory)))
@@ -220,11 +252,17 @@ def _versions() -> dict[str, str]:
 
 
 def is_done(stage_dir: Path, cfg_hash: str, in_fingerprint: str) -> bool:
+    """Finished with this config and input, and its parts are still the ones it wrote."""
     done = io.read_json(stage_dir / io.DONE_FILE)
-    return bool(done) and done.get("config_hash") == cfg_hash and done.get("input_fingerprint") == in_fingerprint
+    return (
+        bool(done)
+        and done.get("config_hash") == cfg_hash
+        and done.get("input_fingerprint") == in_fingerprint
+        and not integrity.output_problems(stage_dir, done)
+    )
 
 
-def prepare_stage_dir(stage_dir: Path, started: dict, resume: bool) -> bool:
+def prepare_stage_dir(stage_dir: Path, run_dir: Path, started: dict, resume: bool) -> bool:
     """Keep the folder of an interrupted attempt with the same config and input (resume), else
     start clean. Returns whether finished work is being reused."""
     previous = io.read_json(stage_dir / io.STARTED_FILE)
@@ -235,7 +273,7 @@ def prepare_stage_dir(stage_dir: Path, started: dict, resume: bool) -> bool:
         and previous.get("input_fingerprint") == started["input_fingerprint"]
     )
     if stage_dir.exists() and not reuse:
-        shutil.rmtree(stage_dir)
+        io.remove_tree_inside(stage_dir, run_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     for stale in (io.DONE_FILE, io.FAILED_FILE):
         (stage_dir / stale).unlink(missing_ok=True)
@@ -272,9 +310,9 @@ def _run_partitioned(spec: StageType, ctx: StageContext) -> StageResult:
         "in": sum(s["in"] for s in states),
         "kept": sum(s["kept"] for s in states),
         "removed": sum(s["removed"] for s in states),
-        "parts": len(states),
+        "parts": sum(len(s["kept_parts"]) for s in states),
     }
-    stats = merge_stats(s["stats"] for s in states)
+    stats = {"units": len(states), **merge_stats(s["stats"] for s in states)}
     if spec.finalize_stats is not None:
         stats = spec.finalize_stats(stats, ctx.config)
     return StageResult(counts=counts, stats=stats)
@@ -308,7 +346,7 @@ def run_stage(workflow: Workflow, stage: str, run_dir: Path, mapper: Callable, c
         "started_at": datetime.now(timezone.utc).isoformat(),
         "pid": os.getpid(),
     }
-    resumed = prepare_stage_dir(stage_dir, started, resume)
+    resumed = prepare_stage_dir(stage_dir, run_dir, started, resume)
     ctx = StageContext(
         name=stage,
         config=config,
@@ -340,6 +378,7 @@ def run_stage(workflow: Workflow, stage: str, run_dir: Path, mapper: Callable, c
             raise
         raise StageError(f"stage {stage!r} ({config.type}) failed: {type(error).__name__}: {error}") from error
     wall = round(time.perf_counter() - t0, 3)
+    parts = integrity.output_records(stage_dir) if spec.produces_documents else None
     stats = {"stage": stage, "type": config.type, "counts": counts, "wall_time_s": wall, "resumed": resumed,
              **result.stats}
     io.write_json_atomic(stats, stage_dir / io.STATS_FILE)
@@ -348,8 +387,9 @@ def run_stage(workflow: Workflow, stage: str, run_dir: Path, mapper: Callable, c
         "type": config.type,
         "config_hash": cfg_hash,
         "input_fingerprint": in_fp,
-        "output_fingerprint": io.stable_hash([config.type, cfg_hash, in_fp]),
+        "output_fingerprint": io.stable_hash([config.type, cfg_hash, in_fp, parts]),
         "counts": counts,
+        "parts": parts,
         "wall_time_s": wall,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "versions": _versions(),
@@ -383,21 +423,23 @@ def run_workflow(
     until: str | None = None,
     scheduler: str | None = None,
     console: Console | None = None,
+    force_unlock: bool = False,
 ) -> Path:
-    """Run (or resume) a workflow and return its run folder `runs_dir/<workflow name>`."""
+    """Run (or resume) a workflow and return its run folder `runs_dir/<workflow name>`, holding the
+    folder's lock throughout (`force_unlock` breaks the lock of a dead holder, see lock.py)."""
     console = console or Console(stderr=True)
     if not isinstance(workflow, Workflow):
         workflow = load_workflow(workflow, overrides)
     run_dir = Path(runs_dir) / workflow.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.write_bytes_atomic(
-        yaml.safe_dump(workflow.raw, sort_keys=False, allow_unicode=True).encode(), run_dir / "workflow.yaml"
-    )
     order, forced = stages_to_run(workflow, only, from_stage, until)
     if force:
         forced = set(order)
-    console.print(f"[bold]gristmill[/bold] run [cyan]{workflow.name}[/cyan] -> {run_dir}")
-    with dask_client(workflow, scheduler, console) as client:
+    with run_lock(run_dir, force_unlock), dask_client(workflow, scheduler, console) as client:
+        io.remove_temporaries(run_dir)  # left by a killed run; nothing else writes here while locked
+        io.write_bytes_atomic(
+            yaml.safe_dump(workflow.raw, sort_keys=False, allow_unicode=True).encode(), run_dir / "workflow.yaml"
+        )
+        console.print(f"[bold]gristmill[/bold] run [cyan]{workflow.name}[/cyan] -> {escape(str(run_dir))}")
         mapper = make_mapper(client, console)
         for stage in order:
             stage_dir = run_dir / stage
@@ -406,7 +448,11 @@ def run_workflow(
                 console.print(f"[green]✓[/green] {stage} [dim](done, skipped)[/dim]")
                 continue
             console.print(f"[bold]▶ {stage}[/bold] [dim]({workflow.stages[stage].type})[/dim]")
-            done = run_stage(workflow, stage, run_dir, mapper, client, resume=stage not in forced, console=console)
+            damaged = integrity.output_problems(stage_dir, io.read_json(stage_dir / io.DONE_FILE) or {})
+            for problem in damaged:
+                console.print(f"  [yellow]output changed, redoing the stage:[/yellow] {escape(problem)}")
+            resume = stage not in forced and not damaged
+            done = run_stage(workflow, stage, run_dir, mapper, client, resume=resume, console=console)
             counts = ", ".join(f"{k} {v:,}" for k, v in done["counts"].items())
             console.print(f"[green]✓[/green] {stage}: {counts} [dim]in {done['wall_time_s']:.1f}s[/dim]")
     return run_dir

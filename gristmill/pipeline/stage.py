@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
 from gristmill.pipeline import io
 
@@ -39,11 +39,24 @@ class StageConfig(BaseModel):
 
     type: str
     input: list[str] = []
+    # Caps on every part the stage writes (rows, and bytes of Arrow memory); unset means the
+    # workflow's `parts:` defaults. Stages that write no document parts do not take them.
+    max_part_rows: int | None = Field(default=None, ge=1)
+    max_part_bytes: ByteSize | None = Field(default=None, ge=1)
 
     @field_validator("input", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    def references(self) -> list[str]:
+        """Every stage or path this stage reads: `input`, plus the entries of any other key a stage
+        type reads from (classify's `positives`); the DAG orders and fingerprints all of them."""
+        return list(self.input)
+
+    def own_settings(self) -> dict[str, Any]:
+        """The keys of the stage type itself, without those every stage has (type, input, part caps)."""
+        return self.model_dump(exclude=set(StageConfig.model_fields))
 
 
 @dataclass
@@ -117,6 +130,15 @@ class StageContext:
             for e in self.inputs
             if e.is_stage and (stage_type is None or e.stage_type == stage_type)
         ]
+
+    def reference(self, entry: str) -> UpstreamInput:
+        """An entry of a key other than `input` (see `StageConfig.references`): a finished stage of
+        this run, else the files a path or glob matches, relative to the workflow's folder."""
+        stage_dir = self.run_dir / entry
+        if (stage_dir / io.DONE_FILE).is_file():
+            return UpstreamInput(entry, stage_dir, (io.read_json(stage_dir / io.DONE_FILE) or {}).get("type"))
+        path = Path(entry).expanduser()
+        return UpstreamInput(entry, files=io.expand_paths(str(path if path.is_absolute() else self.workflow_dir / path)))
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], description: str | None = None) -> list[Any]:
         """`[fn(item) for item in items]` on the cluster, in order, with a progress bar."""
@@ -260,3 +282,24 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list):
         return list(value)
     return value
+
+
+def group_by_size(items: Iterable[Any], size: Callable[[Any], int], target: int,
+                  max_items: int | None = None) -> list[list[Any]]:
+    """Consecutive items gathered into work units of at most `target` total size (an item bigger
+    than `target` is a unit of its own) and at most `max_items` items: many small input files
+    make a few tasks worth scheduling, in input order."""
+    units: list[list[Any]] = []
+    current: list[Any] = []
+    current_size = 0
+    for item in items:
+        item_size = size(item)
+        full = current_size + item_size > target or (max_items is not None and len(current) >= max_items)
+        if current and full:
+            units.append(current)
+            current, current_size = [], 0
+        current.append(item)
+        current_size += item_size
+    if current:
+        units.append(current)
+    return units

@@ -1,7 +1,8 @@
 """The state of every stage of a run folder, read from the folder alone.
 
 Used by `gristmill status` and the dashboard, so both tell the same story: a stage is `done`
-(`_DONE.json`), `failed` (`_FAILED.json`), `running` (`_STARTED.json` and its process alive),
+(`_DONE.json` and its parts still the ones it wrote), `stale` (finished, but a part changed, went
+missing or appeared since; `error` names each file), `failed` (`_FAILED.json`), `running` (`_STARTED.json` and its process alive),
 `interrupted` (started, process gone), or `pending` (nothing on disk yet).
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from gristmill.pipeline import io
+from gristmill.pipeline import integrity, io
 
 
 @dataclass
@@ -53,6 +54,9 @@ def stage_state(stage_dir: Path) -> tuple[str, dict]:
     """(state, the manifest that decided it) for one stage folder."""
     done = io.read_json(stage_dir / io.DONE_FILE)
     if done is not None:
+        problems = integrity.output_problems(stage_dir, done)
+        if problems:
+            return "stale", {**done, "error": "output changed since it finished:\n  " + "\n  ".join(problems)}
         return "done", done
     failed = io.read_json(stage_dir / io.FAILED_FILE)
     if failed is not None:
@@ -79,7 +83,7 @@ def run_status(run_dir: str | os.PathLike) -> list[StageStatus]:
                 type=str(settings.get("type")),
                 inputs=inputs,
                 state=state,
-                counts=manifest.get("counts", {}) if state == "done" else {},
+                counts=manifest.get("counts", {}) if state in ("done", "stale") else {},
                 wall_time_s=manifest.get("wall_time_s"),
                 finished_at=manifest.get("finished_at"),
                 error=manifest.get("error"),

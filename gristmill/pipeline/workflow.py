@@ -6,6 +6,8 @@ Every mistake is reported with the file, the stage and the key, e.g.
 `workflows/web.yaml: stage 'filter', key 'gopher_quality.min_doc_words': Input should be a valid integer`.
 
 `imports:` lists modules that register extra stage types (your own `document_stage`s).
+`parts:` caps the parts every document stage writes (`max_part_rows`, `max_part_bytes`); a stage's
+own keys of the same names win (docs/partitions.md).
 Strings may use `${VAR}` and `${VAR:-default}`; `GRISTMILL_DATA` defaults to the bundled data folder.
 `--set stage.key=value` overrides (value parsed as YAML) apply before validation.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from gristmill import DATA_DIR
 from gristmill.pipeline.io import expand_paths
@@ -28,6 +30,11 @@ from gristmill.pipeline.registry import load_builtin_stages
 from gristmill.pipeline.stage import StageConfig
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Names become folders (`runs/<workflow>/<stage>/`) that the runner deletes and rewrites, so they
+# must be plain names: no separators, no `..`, nothing absolute. Stage names have no dots, so none
+# can collide with a run-folder file such as `workflow.yaml`.
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+WORKFLOW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 class WorkflowError(ValueError):
@@ -47,6 +54,17 @@ class DaskSettings(BaseModel):
     dashboard_address: str | None = ":0"
 
 
+class PartLimits(BaseModel):
+    """Workflow-wide caps on the parts every document stage writes (a stage may set its own).
+    A unit whose output is bigger writes several parts, so downstream tasks follow the data.
+    Bytes are Arrow memory, what a task holds when it reads the part; sizes such as `256MiB` work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_part_rows: int = Field(default=100_000, ge=1)  # many small documents still make tasks of a few seconds
+    max_part_bytes: ByteSize = Field(default=ByteSize(256 * 2**20), ge=1)  # a part fits a worker's memory many times
+
+
 class Workflow(BaseModel):
     """A validated workflow: stages in file order, each a StageConfig subclass."""
 
@@ -56,6 +74,7 @@ class Workflow(BaseModel):
     path: Path
     stages: dict[str, StageConfig]
     dask: DaskSettings = DaskSettings()
+    parts: PartLimits = PartLimits()
     raw: dict[str, Any]
 
     @property
@@ -64,7 +83,7 @@ class Workflow(BaseModel):
 
     def dependencies(self, stage: str) -> list[str]:
         """Upstream stage names of `stage`, in `input` order."""
-        return [name for name in self.stages[stage].input if name in self.stages]
+        return [name for name in self.stages[stage].references() if name in self.stages]
 
     def order(self) -> list[str]:
         """Stages in dependency order (file order among independent stages)."""
@@ -127,18 +146,24 @@ def expand_env(value: Any, where: str) -> Any:
 
 
 def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
-    """Apply one `stage.key=value` (or `dask.key=value`, `name=value`) override in place."""
+    """Apply one `stage.key=value` (or `dask.key=value`, `parts.key=value`, `name=value`) override in place."""
     if "=" not in override:
         raise WorkflowError(f"--set {override!r}: expected STAGE.KEY=VALUE")
     dotted, text = override.split("=", 1)
     keys = dotted.strip().split(".")
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise WorkflowError(
+            f"--set {override!r}: the value {text!r} is not valid YAML ({problem}); quote it to pass a string"
+        ) from None
     if keys[0] in ("name",) and len(keys) == 1:
         raw["name"] = value
         return
-    if keys[0] == "dask":
-        target = raw.setdefault("dask", {}) or {}
-        raw["dask"] = target
+    if keys[0] in ("dask", "parts"):
+        target = raw.get(keys[0]) or {}
+        raw[keys[0]] = target
     else:
         stages = raw.get("stages") or {}
         if keys[0] not in stages:
@@ -171,10 +196,10 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
     path = Path(path)
     if not isinstance(raw, dict):
         raise WorkflowError(f"{path}: a workflow is a mapping with 'stages'")
-    unknown = set(raw) - {"name", "description", "dask", "imports", "stages"}
+    unknown = set(raw) - {"name", "description", "dask", "parts", "imports", "stages"}
     if unknown:
         raise WorkflowError(
-            f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, description, dask, imports, stages"
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, description, dask, parts, imports, stages"
         )
     raw = expand_env(raw, str(path))
     stage_types = load_builtin_stages()
@@ -193,10 +218,30 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
     except ValidationError as error:
         lines = [f"{path}: key 'dask.{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in error.errors()]
         raise WorkflowError("\n".join(lines)) from None
+    try:
+        parts = PartLimits.model_validate(raw.get("parts") or {})
+    except ValidationError as error:
+        lines = [f"{path}: key 'parts.{'.'.join(map(str, e['loc']))}': "
+                 f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in error.errors()]
+        raise WorkflowError("\n".join(lines)) from None
+
+    workflow_name = str(raw.get("name") or path.stem)
+    if not WORKFLOW_NAME.fullmatch(workflow_name):
+        where = "key 'name'" if raw.get("name") else "the name taken from the file name (set `name:`)"
+        raise WorkflowError(
+            f"{path}: {where}: {workflow_name!r} is not a plain name; use letters, digits, '_', '-' and '.' "
+            f"(not first), at most 100 characters"
+        )
 
     stages: dict[str, StageConfig] = {}
     errors: list[str] = []
     for name, settings in stages_raw.items():
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+            errors.append(
+                f"{path}: stage {name!r}: a stage name is a plain name of letters, digits, '_' and '-' "
+                f"(it becomes a folder of the run), at most 100 characters"
+            )
+            continue
         if not isinstance(settings, dict):
             errors.append(f"{path}: stage {name!r}: settings must be a mapping")
             continue
@@ -213,24 +258,44 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
         except ValidationError as error:
             errors.append(_format_validation_error(path, name, error))
             continue
+        config, problem = _with_part_limits(config, spec.kind == "custom" and not spec.produces_documents, parts)
+        if problem:
+            errors.append(f"{path}: stage {name!r}, {problem}")
         if spec.needs_input and not config.input:
             errors.append(f"{path}: stage {name!r}, key 'input': stage type {stage_type!r} needs an input")
-        for entry in config.input:
+        for entry in config.references():
             if entry == name:
                 errors.append(f"{path}: stage {name!r}, key 'input': a stage cannot read itself")
             elif entry not in stages_raw and not expand_paths(str(resolve_input_path(entry, path.parent))):
+                key = "input" if entry in config.input else _key_naming(settings, entry)
                 errors.append(
-                    f"{path}: stage {name!r}, key 'input': {entry!r} is neither a stage of this workflow "
+                    f"{path}: stage {name!r}, key {key!r}: {entry!r} is neither a stage of this workflow "
                     f"nor an existing file or glob"
                 )
         stages[name] = config
     if errors:
         raise WorkflowError("\n".join(errors))
     workflow = Workflow(
-        name=str(raw.get("name") or path.stem), path=path, stages=stages, dask=dask, raw=raw
+        name=workflow_name, path=path, stages=stages, dask=dask, parts=parts, raw=raw
     )
     workflow.order()  # raises on cycles
     return workflow
+
+
+def _key_naming(settings: dict[str, Any], entry: str) -> str:
+    """The key of a stage's settings whose value is or lists `entry` (for error messages)."""
+    return next((k for k, v in settings.items() if v == entry or (isinstance(v, list) and entry in v)), "input")
+
+
+def _with_part_limits(config: StageConfig, writes_no_parts: bool, parts: PartLimits) -> tuple[StageConfig, str]:
+    """The stage config with the workflow's part caps filled in where the stage sets none (so they
+    count in its config hash), and a complaint when a stage that writes no parts sets one."""
+    if writes_no_parts:
+        given = [key for key in ("max_part_rows", "max_part_bytes") if getattr(config, key) is not None]
+        problem = f"key {given[0]!r}: stage type {config.type!r} writes no document parts" if given else ""
+        return config, problem
+    limits = {key: value for key, value in parts.model_dump().items() if getattr(config, key) is None}
+    return config.model_copy(update=limits), ""
 
 
 def resolve_input_path(entry: str, workflow_dir: Path) -> Path:

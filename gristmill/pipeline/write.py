@@ -2,6 +2,7 @@
 
 One output file per input part, written atomically, so an export can be resumed and read in
 parallel by other tools. By default the files go to `<stage>/export/`; `path:` sends them elsewhere.
+The strings a pii stage replaced are nulled in the export unless `pii_originals: true`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ class WriteConfig(StageConfig):
     path: str | None = None  # a folder; default: the stage's own `export/` folder
     columns: list[str] | None = None  # default: every column
     gzip: bool = False  # JSONL only: write `.jsonl.gz`
+    # Export the strings the pii stage replaced (`pii_spans[].original`). Off: exports hold only
+    # scrubbed text and span positions. On: whoever reads the export sees the raw personal data.
+    pii_originals: bool = False
 
 
 def export_part(item: tuple[int, str], config: WriteConfig, out_dir: str) -> dict:
     """Write one input part to `out_dir`; returns the file written and its row count."""
     index, in_path = item
     table = pq.read_table(in_path, columns=config.columns)
+    if not config.pii_originals:
+        table = io.without_pii_originals(table)
     stem = io.part_name(index).removesuffix(".parquet")
     if config.format == "parquet":
         target = Path(out_dir) / f"{stem}.parquet"

@@ -44,7 +44,10 @@ def read_documents(path: Path) -> Iterator[pa.Table]:
     """`id`, `text`, `lang` batches of one Parquet, JSON-lines or text file (a text file is one
     document); a file without ids gets stable ones from its path and row."""
     if path.suffix == ".parquet":
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
         names = pf.schema_arrow.names
         if "text" not in names:
             raise ValueError(f"{path}: no `text` column (columns: {names})")

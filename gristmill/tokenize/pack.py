@@ -1,12 +1,16 @@
 """Encode documents into fixed-size token shards (DESIGN.md, "Token shards") plus `meta.json`.
 
 Two phases, both resumable:
-1. encode (parallel, one task per Parquet part): each document's ids followed by EOS, split into
-   train / validation by a hash of (seed, document id), written to `_tokens/part-NNNNN.{train,val}.bin`
-   with a `part-NNNNN.json` record written last. A part with its record is never encoded again.
-2. shard (in order): the concatenated train and val streams are cut into `shard_tokens`-sized
-   `train_000000.bin` / `val_000000.bin` files (the last one shorter). A shard on disk is complete
-   (written atomically) and is kept; encoded parts are deleted once every shard covering them exists.
+1. encode (parallel: one task per unit of at most `unit_docs` documents of one input part, mapped
+   over every Dask worker): each document's ids followed by EOS, split into train / validation by a
+   hash of (seed, document id), written to `_tokens/unit-NNNNN.{train,val}.bin` with a
+   `unit-NNNNN.json` record written last. A unit with its record is never encoded again. Large
+   parts are cut into several units so that a few big parts still keep every worker busy.
+2. shard (in order): the train and val streams of the units, in input order, are cut into
+   `shard_tokens`-sized `train_000000.bin` / `val_000000.bin` files (the last one shorter). The
+   streams, and so the shards, do not depend on the unit size or on how many workers encoded them.
+   A shard on disk is complete (written atomically) and is kept; encoded units are deleted once
+   every shard covering them exists.
 
 The tokenizer folder is copied to `<pack>/tokenizer/` so the shards travel with what decodes them.
 Literal special-token text inside a document (e.g. "<|endoftext|>" in a page) is encoded as text:
@@ -25,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from gristmill.pipeline import io
 from gristmill.tokenize import shards
 from gristmill.tokenize.corpus import in_split, read_documents
+from gristmill.tokenize.recipes import objective_token_ids
 from gristmill.tokenize.tiktoken_export import NotExportable, to_tiktoken
 from gristmill.tokenize.train import TOKENIZER_FILE, eos_token_of, load_tokenizer
 
@@ -38,6 +44,7 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "spec.json")
 SPLITS = ("train", "val")
 ENCODE_BATCH_DOCS = 512
+UNIT_DOCS = 8192  # documents per encode task: small enough to spread a big part over the workers
 
 Encode = Callable[[list[str]], list[np.ndarray]]
 
@@ -70,14 +77,14 @@ def _tiktoken_encoder(tokenizer: Tokenizer, threads: int) -> Encode:
 
 
 def load_encoder(tokenizer_file: str, engine: str, threads: int = 1) -> Encode:
-    """`texts -> [uint32 ids]` with the chosen engine; cached per process (Dask workers reuse it)
-    until the file changes."""
-    return _cached_encoder(tokenizer_file, Path(tokenizer_file).stat().st_mtime_ns, engine, threads)
+    """`texts -> [uint32 ids]` with the chosen engine; cached per process by the tokenizer's content,
+    so a Dask worker builds it (and its tiktoken export) once for every unit and every pack run."""
+    return _cached_encoder(Path(tokenizer_file).read_text(encoding="utf-8"), engine, threads)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_encoder(tokenizer_file: str, mtime_ns: int, engine: str, threads: int) -> Encode:
-    tokenizer = load_tokenizer(tokenizer_file)
+def _cached_encoder(tokenizer_json: str, engine: str, threads: int) -> Encode:
+    tokenizer = Tokenizer.from_str(tokenizer_json)
     if engine == "tiktoken":
         return _tiktoken_encoder(tokenizer, threads)
     if engine == "tokenizers":
@@ -108,8 +115,27 @@ def choose_engine(tokenizer_file: str, sample_texts: list[str], requested: str) 
                         "checked_tokens": n_tokens}
 
 
+def encode_units(parts: list[Path], unit_docs: int = UNIT_DOCS) -> list[tuple[str, int, int | None]]:
+    """`(file, first row, end row)` work units in input order: Parquet parts cut into runs of at
+    most `unit_docs` rows; any other file (JSON lines, text) is one unit (`end` None: to its end)."""
+    units: list[tuple[str, int, int | None]] = []
+    for part in parts:
+        if Path(part).suffix != ".parquet":
+            units.append((str(part), 0, None))
+            continue
+        rows = pq.ParquetFile(part).metadata.num_rows
+        units += [(str(part), start, min(start + unit_docs, rows)) for start in range(0, max(rows, 1), unit_docs)]
+    return units
+
+
+def _read_unit(path: str, start: int, end: int | None) -> pa.Table:
+    """The `id`, `text` rows `[start, end)` of one input file."""
+    table = pa.concat_tables(read_documents(Path(path)))
+    return table.slice(start, (end if end is not None else table.num_rows) - start)
+
+
 def encode_part(
-    item: tuple[int, str],
+    item: tuple[int, tuple[str, int, int | None]],
     tokens_dir: str,
     tokenizer_file: str,
     engine: str,
@@ -119,31 +145,32 @@ def encode_part(
     seed: int,
     threads: int = 1,
 ) -> dict:
-    """Encode one Parquet part into `_tokens/` (train and val streams, EOS after every document)
-    and return its record; a part whose record exists is not encoded again."""
-    index, part = item
+    """Encode one unit into `_tokens/` (train and val streams, EOS after every document) and
+    return its record; a unit whose record exists is not encoded again."""
+    index, (part, start, end) = item
     folder = Path(tokens_dir)
-    record_path = folder / f"part-{index:05d}.json"
+    record_path = folder / f"unit-{index:05d}.json"
     done = io.read_json(record_path)
     if done is not None:
         return done
     started = time.perf_counter()
     encode = load_encoder(tokenizer_file, engine, threads)
-    table = pa.concat_tables(read_documents(Path(part)))
+    table = _read_unit(part, start, end)
     texts = table["text"].to_pylist()
     ids = table["id"].to_pylist()
     usable = [i for i, t in enumerate(texts) if t]
     is_val = in_split([ids[i] for i in usable], val_fraction, seed)
-    record = {"part": str(part), "docs": {}, "tokens": {}, "empty_docs": len(texts) - len(usable)}
+    record = {"part": str(part), "rows": [start, start + table.num_rows], "docs": {}, "tokens": {},
+              "empty_docs": len(texts) - len(usable)}
     eos = np.array([eos_id], dtype=dtype)
     for split, mask in (("train", ~is_val), ("val", is_val)):
         chosen = [texts[i] for i, m in zip(usable, mask) if m]
         pieces: list[np.ndarray] = []
-        for start in range(0, len(chosen), ENCODE_BATCH_DOCS):
-            for doc_ids in encode(chosen[start : start + ENCODE_BATCH_DOCS]):
+        for batch in range(0, len(chosen), ENCODE_BATCH_DOCS):
+            for doc_ids in encode(chosen[batch : batch + ENCODE_BATCH_DOCS]):
                 pieces += [doc_ids.astype(dtype, copy=False), eos]
         tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
-        io.write_bytes_atomic(tokens.tobytes(), folder / f"part-{index:05d}.{split}.bin")
+        io.write_bytes_atomic(tokens.tobytes(), folder / f"unit-{index:05d}.{split}.bin")
         record["docs"][split] = len(chosen)
         record["tokens"][split] = int(tokens.size)
     record["seconds"] = round(time.perf_counter() - started, 4)
@@ -154,7 +181,7 @@ def encode_part(
 def write_split_shards(
     split: str, records: list[dict], tokens_dir: Path, out_dir: Path, shard_tokens: int, dtype: np.dtype
 ) -> list[dict]:
-    """Cut one split's token stream (parts in order) into shards; shards already on disk are kept."""
+    """Cut one split's token stream (units in order) into shards; shards already on disk are kept."""
     lengths = np.array([r["tokens"][split] for r in records], dtype=np.int64)
     ends = np.cumsum(lengths)
     starts = ends - lengths
@@ -171,15 +198,15 @@ def write_split_shards(
         else:
             pieces = []
             for i in np.nonzero((starts < hi) & (ends > lo))[0]:
-                source = tokens_dir / f"part-{i:05d}.{split}.bin"
+                source = tokens_dir / f"unit-{i:05d}.{split}.bin"
                 if not source.exists():
-                    raise FileNotFoundError(f"{source}: encoded part missing for {path.name}; run the stage with --force")
+                    raise FileNotFoundError(f"{source}: encoded unit missing for {path.name}; run the stage with --force")
                 first = max(lo, starts[i]) - starts[i]
                 count = min(hi, ends[i]) - max(lo, starts[i])
                 pieces.append(np.fromfile(source, dtype=dtype, count=int(count), offset=int(first) * dtype.itemsize))
             sha = shards.write_shard(path, np.concatenate(pieces), dtype)
             for i in np.nonzero(ends <= hi)[0]:
-                (tokens_dir / f"part-{i:05d}.{split}.bin").unlink(missing_ok=True)
+                (tokens_dir / f"unit-{i:05d}.{split}.bin").unlink(missing_ok=True)
         written.append({"file": path.name, "split": split, "tokens": hi - lo, "sha256": sha})
     return written
 
@@ -220,9 +247,11 @@ def pack(
     verify_docs: int = 64,
     eos_token: str | None = None,
     threads: int = 2,
+    unit_docs: int = UNIT_DOCS,
 ) -> dict:
     """Encode `parts` into shards in `out_dir` and return the meta.json record. `mapper(fn, items,
-    description)` runs the per-part encoding (Dask's `ctx.map`, or a plain loop)."""
+    description)` runs the per-unit encoding (Dask's `ctx.map` over every worker, or a plain
+    loop); `threads` > 1 adds tiktoken threads inside each task (for a single process)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = io.read_json(out_dir / shards.META_FILE)
     if previous is not None and all((out_dir / s["file"]).exists() for s in previous["shards"]):
@@ -248,7 +277,7 @@ def pack(
         encode_part, tokens_dir=str(tokens_dir), tokenizer_file=str(tokenizer_file), engine=chosen,
         eos_id=eos_id, dtype=dtype.str, val_fraction=val_fraction, seed=seed, threads=threads,
     )
-    records = mapper(task, [(i, str(p)) for i, p in enumerate(parts)], "encode")
+    records = mapper(task, list(enumerate(encode_units(parts, unit_docs))), "encode")
     shard_list = [
         shard
         for split in SPLITS
@@ -263,11 +292,13 @@ def pack(
         "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
         "eos_token": eos,
         "eos_id": eos_id,
+        **objective_token_ids(hf),
         "engine": chosen,
         "engine_check": evidence,
         "val_fraction": val_fraction,
         "seed": seed,
         "shard_tokens": shard_tokens,
+        "encode_units": len(records),
         "documents": {split: sum(r["docs"][split] for r in records) for split in SPLITS},
         "empty_documents": sum(r["empty_docs"] for r in records),
         "tokens": tokens,

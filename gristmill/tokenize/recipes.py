@@ -40,6 +40,16 @@ UNK_TOKEN: dict[str, str | None] = {"bpe": None, "wordpiece": "[UNK]", "unigram"
 DEFAULT_UNICODE_FORM: dict[str, str] = {"bpe": "none", "wordpiece": "none", "unigram": "nfkc"}
 DEFAULT_MIN_FREQUENCY = 2
 
+# Reserved in every tokenizer for the model objectives: the mask token of MLM (BERT's `[MASK]` for
+# WordPiece, RoBERTa's `<mask>` otherwise) and T5's sentinels `<extra_id_0>`, `<extra_id_1>`, ...
+# that stand for the dropped spans of span corruption.
+MASK_TOKEN: dict[str, str] = {"bpe": "<mask>", "wordpiece": "[MASK]", "unigram": "<mask>"}
+DEFAULT_SENTINELS = 32  # enough for span corruption of sequences up to ~640 tokens (0.15 noise, mean span 3)
+
+
+def sentinel_token(index: int) -> str:
+    return f"<extra_id_{index}>"
+
 
 class TokenizerSpec(BaseModel):
     """One tokenizer to train, as written in a workflow's `tokenizers:` list."""
@@ -55,6 +65,7 @@ class TokenizerSpec(BaseModel):
     unicode_form: UnicodeForm | None = None
     lowercase: bool = False
     pre_tokenizer: Literal["gpt2", "llama3"] = "gpt2"
+    sentinels: int = Field(default=DEFAULT_SENTINELS, ge=0)  # span-corruption sentinel tokens to reserve
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> TokenizerSpec:
@@ -67,6 +78,8 @@ class TokenizerSpec(BaseModel):
             self.min_frequency = DEFAULT_MIN_FREQUENCY
         if self.special_tokens is None:
             self.special_tokens = list(DEFAULT_SPECIAL_TOKENS[self.kind])
+        reserved = [MASK_TOKEN[self.kind]] + [sentinel_token(i) for i in range(self.sentinels)]
+        self.special_tokens += [t for t in reserved if t not in self.special_tokens]
         if self.eos_token is None:
             self.eos_token = DEFAULT_EOS[self.kind]
         if self.eos_token not in self.special_tokens:
@@ -174,6 +187,16 @@ def train_byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tokenizer, trainer = build(TokenizerSpec(name="bpe", kind="bpe", vocab_size=vocab_size))
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
+
+
+def objective_token_ids(tokenizer: Tokenizer) -> dict:
+    """The mask token and sentinel ids a tokenizer reserves for the model objectives (None and []
+    when it has none), as `pack` records them in meta.json."""
+    mask = next((t for t in ("[MASK]", "<mask>") if tokenizer.token_to_id(t) is not None), None)
+    sentinel_ids = []
+    while (found := tokenizer.token_to_id(sentinel_token(len(sentinel_ids)))) is not None:
+        sentinel_ids.append(found)
+    return {"mask_token": mask, "mask_id": tokenizer.token_to_id(mask) if mask else None, "sentinel_ids": sentinel_ids}
 
 
 def add_post_processor(tokenizer: Tokenizer, spec: TokenizerSpec) -> None:

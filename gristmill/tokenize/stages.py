@@ -17,7 +17,7 @@ from gristmill.pipeline import io
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 from gristmill.tokenize import evaluate
 from gristmill.tokenize.corpus import Sample, iter_documents
-from gristmill.tokenize.pack import pack
+from gristmill.tokenize.pack import UNIT_DOCS, pack
 from gristmill.tokenize.recipes import TokenizerSpec
 from gristmill.tokenize.train import (
     SPEC_FILE,
@@ -134,7 +134,10 @@ class PackConfig(StageConfig):
     engine: Literal["auto", "tiktoken", "tokenizers"] = "auto"
     verify_docs: int = Field(default=64, ge=1)
     eos_token: str | None = None
-    threads: int = Field(default=2, ge=1)
+    # Parallelism comes from the Dask workers (one encode task per unit on each); tiktoken threads
+    # inside a task would only oversubscribe their cores.
+    threads: int = Field(default=1, ge=1)
+    unit_docs: int = Field(default=UNIT_DOCS, ge=1)
 
 
 def resolve_tokenizer(ctx: StageContext, name: str) -> Path:
@@ -170,6 +173,7 @@ def run_pack(ctx: StageContext) -> StageResult:
         verify_docs=config.verify_docs,
         eos_token=config.eos_token,
         threads=config.threads,
+        unit_docs=config.unit_docs,
     )
     counts = {
         "documents": sum(meta["documents"].values()),

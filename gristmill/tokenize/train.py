@@ -30,6 +30,7 @@ SPECIAL_ROLES = {
     "[CLS]": ["cls_token"],
     "[SEP]": ["sep_token"],
     "[MASK]": ["mask_token"],
+    "<mask>": ["mask_token"],
     "<unk>": ["unk_token"],
     "<s>": ["bos_token"],
     "</s>": ["eos_token"],

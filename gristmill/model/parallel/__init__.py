@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from gristmill.model.config import TrainConfig
-from gristmill.model.model import GPT
+from gristmill.model.model import Transformer
 from gristmill.model.parallel.fsdp import shard_fully
 from gristmill.model.parallel.grads import clip_grad_norm
 from gristmill.model.parallel.mesh import Layout
@@ -34,7 +34,7 @@ from gristmill.model.parallel.zero import shard_optimizer
 class Parallel:
     """The model as this process runs it, its optimizer, and one training / evaluation step."""
 
-    def __init__(self, model: GPT, config: TrainConfig, layout: Layout, mesh: DeviceMesh | None,
+    def __init__(self, model: Transformer, config: TrainConfig, layout: Layout, mesh: DeviceMesh | None,
                  device: torch.device):
         self.layout, self.mesh, self.grad_accum = layout, mesh, config.grad_accum
         self.schedule = None
@@ -52,7 +52,7 @@ class Parallel:
             config.weight_decay, config.learning_rate, (config.beta1, config.beta2), device.type
         )
         optimizer = mine_and_alike(optimizer, set(map(id, module.parameters()))) if mesh is not None else optimizer
-        self.state_module = module  # what checkpoints read and write (parameter names as in the GPT)
+        self.state_module = module  # what checkpoints read and write (parameter names as in the Transformer)
         self.state_optimizer = optimizer
         if config.compile:
             module = torch.compile(module)
@@ -67,34 +67,40 @@ class Parallel:
             self.schedule = pipeline_schedule(module, mesh["pipeline"], device, config.parallel.schedule,
                                               config.parallel.microbatches, 1 / config.grad_accum)
 
-    def forward_backward(self, x, y, prefix, sync: bool, autocast) -> torch.Tensor:
-        """Loss / grad_accum of one micro-batch (zero on pipeline stages before the last), gradients
-        accumulated; `sync` on the last micro-batch of a step lets data parallelism reduce them."""
+    def forward_backward(self, inputs: dict, sync: bool, autocast) -> torch.Tensor:
+        """Loss / grad_accum of one micro-batch (`inputs`: the model's keyword arguments; zero on
+        pipeline stages before the last), gradients accumulated; `sync` on the last micro-batch of a
+        step lets data parallelism reduce them."""
         if isinstance(self.module, DistributedDataParallel):
             self.module.require_backward_grad_sync = sync
         if isinstance(self.module, FSDPModule):
             self.module.set_requires_gradient_sync(sync)
         with autocast:
             if self.schedule is None:
-                _, loss = self.module(x, y, prefix)
+                _, loss = self.module(**inputs)
                 loss = loss / self.grad_accum
                 loss.backward()
                 return loss.detach()
-            return self._pipeline_step(self.schedule.step, x, y)
+            return self._pipeline_step(self.schedule.step, inputs)[1]
 
     @torch.no_grad()
-    def eval_loss(self, x, y, prefix, autocast) -> torch.Tensor | None:
-        """Mean loss of one batch, or None on a pipeline stage that does not compute it."""
+    def evaluate(self, inputs: dict, autocast) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits and mean loss of one batch, or None on a pipeline stage without the head."""
         with autocast:
             if self.schedule is None:
-                return self.module(x, y, prefix)[1]
-            loss = self._pipeline_step(self.schedule.eval, x, y) * self.grad_accum
-            return loss if self.last else None
+                return self.module(**inputs)
+            logits, loss = self._pipeline_step(self.schedule.eval, inputs)
+            return (logits, loss * self.grad_accum) if self.last else None
 
-    def _pipeline_step(self, run, x, y) -> torch.Tensor:
+    def _pipeline_step(self, run, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The last stage's logits (None elsewhere) and loss (zero elsewhere); pipelines run
+        decoders with the causal objective only, so token ids and targets are all there is."""
+        x, y = inputs["idx"], inputs["targets"]
         losses: list[torch.Tensor] = []
-        run(*([x] if self.first else []), **({"target": y, "losses": losses} if self.last else {}))
-        return torch.stack(losses).mean().detach() if self.last else torch.zeros((), device=x.device)
+        logits = run(*([x] if self.first else []), **({"target": y, "losses": losses} if self.last else {}))
+        if not self.last:
+            return None, torch.zeros((), device=x.device)
+        return logits, torch.stack(losses).mean().detach()
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         group = self.mesh["pipeline"].get_group() if self.layout.pipeline > 1 else None

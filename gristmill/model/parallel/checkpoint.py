@@ -1,7 +1,7 @@
 """Checkpoints that outlive their layout: `torch.distributed.checkpoint` (DCP) writes every process's
 own shards in parallel, each tensor under its full-model name with its place in the whole, so any
 other layout (other process counts, sharding, tensor or pipeline degrees, or one process) reads back
-exactly the pieces it holds. `export_model` turns one into a plain single-process GPT.
+exactly the pieces it holds. `export_model` turns one into a plain single-process Transformer.
 
 Optimizer state is stored flattened (`state.<parameter>.exp_avg`, ...), so a pipeline stage saves and
 loads only its own parameters' state. Tensors split with a stride (the fused projections under tensor
@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from gristmill.model.model import GPT, GPTConfig
+from gristmill.model.model import ModelConfig, Transformer
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -107,9 +107,9 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> in
     return int(state["step"])
 
 
-def export_model(folder: Path, config: GPTConfig) -> GPT:
-    """The whole model from `folder` as a plain GPT in this process (no process group needed)."""
-    model = GPT(config)
+def export_model(folder: Path, config: ModelConfig) -> Transformer:
+    """The whole model from `folder` as a plain Transformer in this process (no process group needed)."""
+    model = Transformer(config)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=folder, no_dist=True)
     model.load_state_dict(state["model"])

@@ -62,8 +62,15 @@ def plan_layout(config: TrainConfig, world_size: int) -> Layout:
             problems.append(f"pipeline ({p.pipeline}) cannot exceed n_layer ({config.n_layer})")
         if config.tie_weights:
             problems.append("pipeline > 1 needs tie_weights: false (the embedding and the LM head sit on different stages)")
-        if config.objective != "causal":
+        if config.architecture != "decoder":
+            problems.append(
+                f"pipeline > 1 supports architecture: decoder only, not architecture: {config.architecture} "
+                "(its stages would have to pass the encoder's output along)"
+            )
+        elif config.objective != "causal":
             problems.append(f"pipeline > 1 supports objective: causal only, not {config.objective}")
+        if config.position == "relative":
+            problems.append("pipeline > 1 does not support position: relative (its bias table is shared by every stage)")
         if config.batch_size % p.microbatches:
             problems.append(f"microbatches ({p.microbatches}) must divide batch_size ({config.batch_size})")
         if p.schedule == "1f1b" and p.microbatches < p.pipeline:

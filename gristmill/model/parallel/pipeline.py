@@ -4,9 +4,10 @@ pipeline dimension, with activations sent forward and their gradients sent back 
 A batch is cut into `microbatches` so that stages work at the same time on different micro-batches:
 GPipe runs every forward, then every backward (activations of all micro-batches held at once); 1F1B
 alternates one forward and one backward after a warm-up (at most `pipeline` micro-batches held).
-Stage 0 holds the embedding, the last stage the final norm, the LM head and the loss. A stage is the
-GPT with the other stages' parts removed, so its parameter names are the full model's (checkpoints
-move between layouts by name).
+Stage 0 holds the embedding, the last stage the final norm, the LM head and the loss (a post-norm
+stack's norm opens it, so stage 0 holds it then). A stage is the decoder-only Transformer with the
+other stages' parts removed, so its parameter names are the full model's (checkpoints move between
+layouts by name). Encoders and encoder-decoders are not split into stages (see `mesh.plan_layout`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from gristmill.model.model import GPT, cross_entropy
+from gristmill.model.model import Transformer, cross_entropy
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -29,33 +30,44 @@ def stage_layers(n_layer: int, stages: int, index: int) -> range:
 
 
 class StageModel(nn.Module):
-    """Blocks `layers` of `model`, with the embedding on the first stage and the head on the last."""
+    """Blocks `layers` of a decoder `model`, with the embedding on the first stage and the head on
+    the last."""
 
-    def __init__(self, model: GPT, index: int, stages: int):
+    def __init__(self, model: Transformer, index: int, stages: int):
         super().__init__()
         self.config = model.config
+        stack = model.decoder
         first, last = index == 0, index == stages - 1
+        pre_norm = self.config.norm_placement == "pre"
         self.wte = model.wte if first else None
         self.wpe = model.wpe if first else None
         self.drop = model.drop
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in stage_layers(model.config.n_layer, stages, index)})
-        self.norm_f = model.norm_f if last else None
+        self.decoder = nn.Module()  # the stack's parts this stage holds, under the stack's names
+        self.decoder.blocks = nn.ModuleDict({str(i): stack.blocks[i] for i in stage_layers(self.config.n_layer, stages, index)})
+        self.decoder.norm = stack.norm if (last if pre_norm else first) else None
         self.lm_head = model.lm_head if last else None
-        if model.config.position == "rope":
-            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        self.attention_mask = stack.self_attention_mask  # ALiBi slopes and sliding windows; no parameters
+        if self.config.position == "rope":
+            self.register_buffer("rope_cos", stack.rope_cos, persistent=False)
+            self.register_buffer("rope_sin", stack.rope_sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""
-        T = x.size(1)
         if self.wte is not None:
-            positions = self.wpe(torch.arange(T, device=x.device)) if self.wpe is not None else 0
+            positions = self.wpe(torch.arange(x.size(1), device=x.device)) if self.wpe is not None else 0
             x = self.drop(self.wte(x) + positions)
+        T = x.size(1)
         rotary = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.position == "rope" else None
-        for block in self.blocks.values():
-            x = block(x, rotary)
+        mask = self.attention_mask(T, x.device, None)
+        pre_norm = self.config.norm_placement == "pre"
+        if self.decoder.norm is not None and not pre_norm:
+            x = self.decoder.norm(x)
+        for block in self.decoder.blocks.values():
+            x = block(x, rotary, mask, True)
+        if self.decoder.norm is not None and pre_norm:
+            x = self.decoder.norm(x)
         if self.lm_head is not None:
-            x = self.lm_head(self.norm_f(x))
+            x = self.lm_head(x)
         return x
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -33,8 +32,6 @@ import httpx
 import pyarrow as pa
 from protego import Protego
 from pydantic import Field, field_validator
-from resiliparse.parse.encoding import detect_encoding
-from resiliparse.parse.html import HTMLTree
 
 import gristmill
 from gristmill.pipeline import io
@@ -46,6 +43,7 @@ from gristmill.pipeline.crawl.frontier import (
     normalize_url,
     origin_of,
 )
+from gristmill.pipeline.crawl.links import PageLinks, read_links
 from gristmill.pipeline.crawl.safety import AddressPolicy, GuardedTransport, UnsafeAddressError
 from gristmill.pipeline.crawl.serve import serve_directory
 from gristmill.pipeline.crawl.state import CrawlState, LogRow
@@ -84,6 +82,9 @@ class CrawlConfig(StageConfig):
     max_retries: int = Field(2, ge=0)
     retry_backoff_s: float = Field(2.0, ge=0)
     max_body_bytes: int = Field(5 * 1024 * 1024, ge=1)
+    # Links followed per page: documentation index pages have thousands; a hostile page can have
+    # millions. Links past the cap are counted (`links_over_cap`), not queued.
+    max_links_per_page: int = Field(5000, ge=0)
     content_types: list[str] = ["text/html", "application/xhtml+xml"]
     allow_networks: list[str] = []
     warc_max_bytes: int = Field(1024 * 1024 * 1024, ge=1)
@@ -107,49 +108,6 @@ def _media_type(content_type: str | None) -> str | None:
     """`text/html` from `Text/HTML; charset=utf-8`; None when there is no type."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     return media_type or None
-
-
-def _charset(content_type: str | None) -> str | None:
-    for param in (content_type or "").split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset" and value.strip():
-            return value.strip().strip("\"'")
-    return None
-
-
-@dataclass
-class PageLinks:
-    """What the crawler reads from an HTML page: where it links to and what its meta robots say."""
-
-    links: list[str] = field(default_factory=list)  # absolute targets without rel="nofollow"
-    nofollow_links: list[str] = field(default_factory=list)  # absolute targets with rel="nofollow"
-    robots: set[str] = field(default_factory=set)  # meta robots directives, lower-case ("none" expanded)
-
-
-def read_links(body: bytes, url: str, content_type: str | None, robots_names: tuple[str, ...] = ("robots",)
-               ) -> PageLinks:
-    """The `<a href>` / `<area href>` targets of an HTML page (resolved against `<base>`) and the
-    directives of its `<meta name=...>` tags whose name is one of `robots_names` (lower-case)."""
-    encoding = _charset(content_type) or detect_encoding(body)
-    try:
-        tree = HTMLTree.parse_from_bytes(body, encoding)
-    except LookupError:  # an unknown declared charset
-        tree = HTMLTree.parse_from_bytes(body, detect_encoding(body))
-    page = PageLinks()
-    if tree.document is None:
-        return page
-    for meta in tree.document.query_selector_all("meta[name][content]"):
-        if meta.getattr("name").strip().lower() in robots_names:
-            directives = {d.strip().lower() for d in meta.getattr("content").split(",")} - {""}
-            page.robots |= directives | ({"noindex", "nofollow"} if "none" in directives else set())
-    base = url
-    base_element = tree.head.query_selector("base[href]") if tree.head is not None else None
-    if base_element is not None:
-        base = urljoin(url, base_element.getattr("href").strip())
-    for element in tree.document.query_selector_all("a[href], area[href]"):
-        nofollow = "nofollow" in (element.getattr("rel") or "").lower().split()
-        (page.nofollow_links if nofollow else page.links).append(urljoin(base, element.getattr("href").strip()))
-    return page
 
 
 def _robots_names(user_agent: str) -> tuple[str, ...]:
@@ -270,17 +228,28 @@ class Crawler:
             position = self.warc.write(fetched.exchange)
             self.stored += 1
             if _media_type(fetched.content_type) in ("text/html", "application/xhtml+xml"):
-                page = read_links(fetched.body, entry.url, fetched.content_type, self.robots_names)
+                # Parsing is CPU work: off the event loop, so timeouts and other fetches go on meanwhile.
+                page, discovered, row.links_over_cap = await asyncio.to_thread(self._outlinks, fetched.body, entry,
+                                                                              fetched.content_type)
                 row.robots_meta = ",".join(sorted(page.robots)) or None
-                links = page.links + (page.nofollow_links if config.follow_nofollow_links else [])
-                if config.obey_meta_robots and "nofollow" in page.robots:
-                    links = []
-                if entry.depth < config.max_depth:
-                    discovered = self._in_scope(links, entry.depth + 1, 0)
         elif fetched.location is not None:
             row.error, discovered = self._follow_redirect(entry, fetched.location)
         new = self.state.finish(entry, stored, [row], discovered, position)
         await self.frontier.add(new)
+
+    def _outlinks(self, body: bytes, entry: FrontierEntry, content_type: str | None
+                  ) -> tuple[PageLinks, list[tuple[str, int, int]], int]:
+        """The page's links and meta robots, the in-scope links to queue, and how many more links it
+        would have followed but for `max_links_per_page`. Pure: safe to run on a worker thread."""
+        config = self.config
+        cap = config.max_links_per_page
+        page = read_links(body, entry.url, content_type, self.robots_names, max_links=cap)
+        links, count = page.links, page.link_count
+        if config.follow_nofollow_links:
+            links, count = links + page.nofollow_links, count + page.nofollow_count
+        if (config.obey_meta_robots and "nofollow" in page.robots) or entry.depth >= config.max_depth:
+            return page, [], 0
+        return page, self._in_scope(links[:cap], entry.depth + 1, 0), max(count - cap, 0)
 
     def _in_scope(self, urls: list[str], depth: int, redirects: int) -> list[tuple[str, int, int]]:
         found = []
@@ -309,11 +278,13 @@ class Crawler:
         return fetched.error is not None and not fetched.error.startswith("unsafe address")
 
     async def _fetch(self, url: str, follow_redirects: bool, max_bytes: int,
-                     keep_types: list[str] | None) -> _Fetched:
-        """GET `url` within `timeout_s` in all; never raises for network or HTTP trouble."""
+                     keep_types: list[str] | None, truncate: bool = False) -> _Fetched:
+        """GET `url` within `timeout_s` in all; never raises for network or HTTP trouble.
+
+        A (decoded) body over `max_bytes` is an error, or with `truncate` its first `max_bytes`."""
         fetched = _Fetched(url)
         try:
-            await asyncio.wait_for(self._get(fetched, follow_redirects, max_bytes, keep_types),
+            await asyncio.wait_for(self._get(fetched, follow_redirects, max_bytes, keep_types, truncate),
                                    self.config.timeout_s)
         except asyncio.TimeoutError:
             fetched.error = f"timeout after {self.config.timeout_s}s"
@@ -325,7 +296,7 @@ class Crawler:
         return fetched
 
     async def _get(self, fetched: _Fetched, follow_redirects: bool, max_bytes: int,
-                   keep_types: list[str] | None) -> None:
+                   keep_types: list[str] | None, truncate: bool) -> None:
         async with self.client.stream("GET", fetched.url, follow_redirects=follow_redirects) as response:
             fetched.status = response.status_code
             fetched.content_type = response.headers.get("content-type")
@@ -340,7 +311,7 @@ class Crawler:
                 fetched.error = f"content type {media_type} not kept"
                 return
             declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
+            if declared and declared.isdigit() and int(declared) > max_bytes and not truncate:
                 fetched.error = f"body of {declared} bytes over max_body_bytes {max_bytes}"
                 return
             stream = response.extensions.get("network_stream")  # read before the body closes it
@@ -348,6 +319,9 @@ class Crawler:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
+                if len(body) > max_bytes and truncate:
+                    fetched.body = bytes(body[:max_bytes])
+                    return
                 if len(body) > max_bytes:
                     fetched.body = bytes(body)
                     fetched.error = f"body over max_body_bytes {max_bytes}"
@@ -383,7 +357,7 @@ class Crawler:
             fetched_now = saved is None
             if fetched_now:
                 fetched = await self._fetch(origin + "/robots.txt", follow_redirects=True,
-                                            max_bytes=ROBOTS_MAX_BYTES, keep_types=None)
+                                            max_bytes=ROBOTS_MAX_BYTES, keep_types=None, truncate=True)
                 self.state.log_row(LogRow(fetched.url, fetched.status, fetched.content_type, len(fetched.body),
                                           fetched.fetch_time, fetched.elapsed_s, None, fetched.error))
                 status = fetched.status or 0
@@ -393,7 +367,7 @@ class Crawler:
             if saved is None:
                 rules = Protego.parse("User-agent: *\nDisallow: /\n")
             elif 200 <= saved[0] < 300:
-                rules = Protego.parse(saved[1].decode("utf-8", errors="replace"))
+                rules = Protego.parse(robots_text(saved[1]))
             else:
                 rules = Protego.parse("")
             delay = rules.crawl_delay(self.config.user_agent)
@@ -403,6 +377,15 @@ class Crawler:
             if fetched_now:
                 await asyncio.sleep(self.frontier.delay_of(entry.host))  # the page request waits its turn
             return rules
+
+
+def robots_text(body: bytes) -> str:
+    """The robots.txt rules the crawler obeys: the first `ROBOTS_MAX_BYTES` of the decoded body
+    (RFC 9309 section 2.5), without a line cut off at that limit (half a path is another rule)."""
+    if len(body) >= ROBOTS_MAX_BYTES:
+        body = body[:ROBOTS_MAX_BYTES]
+        body = body[: body.rfind(b"\n") + 1]
+    return body.decode("utf-8", errors="replace")
 
 
 def crawl_stats(log: pa.Table, top: int = 20, max_errors: int = 200) -> tuple[dict, dict]:
@@ -437,6 +420,8 @@ def crawl_stats(log: pa.Table, top: int = 20, max_errors: int = 200) -> tuple[di
         "robots_disallowed": sum(1 for r in rows if r["error"] == "robots.txt disallows"),
         "robots_meta_noindex": sum(1 for r in pages if "noindex" in (r["robots_meta"] or "").split(",")),
         "robots_meta_nofollow": sum(1 for r in pages if "nofollow" in (r["robots_meta"] or "").split(",")),
+        "pages_over_link_cap": sum(1 for r in pages if r["links_over_cap"]),
+        "links_over_cap": sum(r["links_over_cap"] or 0 for r in pages),
     }
     stats = {
         "crawl": {

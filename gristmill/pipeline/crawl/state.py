@@ -36,9 +36,10 @@ LOG_SCHEMA = pa.schema(
         ("depth", pa.int32()),
         ("error", pa.string()),
         ("robots_meta", pa.string()),
+        ("links_over_cap", pa.int64()),
     ]
 )
-_INSERT_LOG = "INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_LOG = "INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS urls (
 );
 CREATE TABLE IF NOT EXISTS log (
     url TEXT, status INTEGER, content_type TEXT, bytes INTEGER, fetch_time TEXT,
-    elapsed_s REAL, depth INTEGER, error TEXT, robots_meta TEXT
+    elapsed_s REAL, depth INTEGER, error TEXT, robots_meta TEXT, links_over_cap INTEGER
 );
 CREATE TABLE IF NOT EXISTS robots (origin TEXT PRIMARY KEY, status INTEGER, body BLOB);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -72,10 +73,11 @@ class LogRow:
     depth: int | None
     error: str | None
     robots_meta: str | None = None  # the page's meta robots directives, e.g. "noindex,nofollow"
+    links_over_cap: int | None = None  # followable links past max_links_per_page (HTML pages kept only)
 
     def as_tuple(self) -> tuple:
         return (self.url, self.status, self.content_type, self.bytes, self.fetch_time.isoformat(),
-                self.elapsed_s, self.depth, self.error, self.robots_meta)
+                self.elapsed_s, self.depth, self.error, self.robots_meta, self.links_over_cap)
 
 
 class CrawlState:
@@ -88,8 +90,10 @@ class CrawlState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_TABLES)
-        if "robots_meta" not in [row[1] for row in self._db.execute("PRAGMA table_info(log)")]:
-            self._db.execute("ALTER TABLE log ADD COLUMN robots_meta TEXT")  # a state from before the column
+        present = [row[1] for row in self._db.execute("PRAGMA table_info(log)")]
+        for column, kind in (("robots_meta", "TEXT"), ("links_over_cap", "INTEGER")):
+            if column not in present:  # a state from before the column
+                self._db.execute(f"ALTER TABLE log ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()

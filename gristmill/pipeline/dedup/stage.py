@@ -1,19 +1,24 @@
 """The `dedup` stage: exact and MinHash-LSH near-duplicate removal across the whole dataset.
 
 Map -> shuffle -> reduce, with hash-partitioned Parquet files in the stage folder between steps,
-so no process ever holds more than one partition's signatures:
+so no process ever holds more than one partition's signatures, edges or clusters, and the client
+holds only counts:
 
 1. sign (one task per input part): normalise, exact hash, MinHash signature, LSH band hashes;
    write rows `(band, hash, key)` to `work/shuffle/bucket-B/part-P.parquet` by `hash % buckets`
    (band -1 is the exact-text hash, band -2 the URL hash). `key` = part << 32 | row.
 2. group (one task per bucket): documents sharing a `(band, hash)` become candidate edges (each
-   to the smallest key of its group); rows matching an earlier run's index become `seen` pairs.
-3. verify (one task per part): candidate edges from bands are checked by true Jaccard of the
-   shingles (`verify: jaccard`, shingles saved by step 1) or the signature estimate (`signature`);
-   exact/URL edges need not.
-4. components: min-label propagation over the accepted edges; one survivor per cluster
-   (`survivor: earliest_id` or `longest`), chosen from document facts, never from partitioning.
-5. write (one task per part): `kept/` and `removed/` part for part, with `dup_cluster` and
+   to the smallest key of its group), rows matching an earlier run's index `seen` edges to that
+   earlier document; all written to `work/candidates/` by the partition of their first end.
+3. verify (one task per edge partition): candidate edges from bands are checked by true Jaccard
+   of the shingles (`verify: jaccard`, shingles saved by step 1) or the signature estimate
+   (`signature`); exact/URL/seen edges need not. What holds goes into the graph, `work/graph/`.
+4. components (components.py): rounds of min-label propagation, one task per partition each,
+   until no label changes; then each document's label goes to its part, joined with its facts
+   (id, length, hashes), and on to its cluster's partition (`work/clusters/`).
+5. survivors (one task per cluster partition): one survivor per cluster (`survivor: earliest_id`
+   or `longest`), chosen from document facts, never from partitioning; decisions to `work/decisions/`.
+6. write (one task per part): `kept/` and `removed/` part for part, with `dup_cluster` and
    `dup_survivor`, and the survivors' band/exact hashes into `index/` for later incremental runs.
 """
 
@@ -36,6 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gristmill.pipeline import io
 from gristmill.pipeline.dedup import minhash as mh
+from gristmill.pipeline.dedup.components import (
+    label_components,
+    partition_of,
+    read_columns,
+    scatter,
+    write_edges,
+)
 from gristmill.pipeline.stage import StageConfig, StageContext, StageResult, custom_stage
 
 EXACT_BAND = -1
@@ -113,7 +125,8 @@ class Plan:
     config: DedupConfig
     bands: int
     rows: int
-    buckets: int
+    buckets: int  # shuffle buckets, and partitions of the edge graph and of the clusters
+    parts: int
     stage_dir: str
     earlier_index: str | None
     batch: int
@@ -200,64 +213,81 @@ def sign_part(item: tuple[int, str], plan: Plan) -> dict[str, Any]:
         band_ids.append(np.tile(np.arange(plan.bands, dtype=np.int16), len(signed)))
         hashes.append(bands[signed].reshape(-1))
         row_keys.append(np.repeat(keys[signed], plan.bands))
-    _scatter(plan, part, np.concatenate(band_ids) if band_ids else np.zeros(0, np.int16),
-             np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
-             np.concatenate(row_keys) if row_keys else np.zeros(0, np.int64))
+    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    scatter(pa.table({"band": np.concatenate(band_ids) if band_ids else np.zeros(0, np.int16), "hash": hashes,
+                      "key": np.concatenate(row_keys) if row_keys else np.zeros(0, np.int64)}),
+            (hashes % np.uint64(plan.buckets)).astype(np.int64), plan.buckets,
+            lambda b: plan.work / "shuffle" / f"bucket-{b:05d}" / io.part_name(part))
     return {"part": part, "rows": n, "no_shingles": no_shingles, "seconds": time.perf_counter() - started}
-
-
-def _scatter(plan: Plan, part: int, band: np.ndarray, hashes: np.ndarray, keys: np.ndarray) -> None:
-    bucket = (hashes % np.uint64(plan.buckets)).astype(np.int64)
-    order = np.argsort(bucket, kind="stable")
-    bucket, band, hashes, keys = bucket[order], band[order], hashes[order], keys[order]
-    bounds = np.searchsorted(bucket, np.arange(plan.buckets + 1))
-    for b in range(plan.buckets):
-        lo, hi = bounds[b], bounds[b + 1]
-        if hi > lo:
-            io.write_parquet_atomic(
-                pa.table({"band": band[lo:hi], "hash": hashes[lo:hi], "key": keys[lo:hi]}),
-                plan.work / "shuffle" / f"bucket-{b:05d}" / io.part_name(part),
-            )
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. group
 
+EDGE_EXACT, EDGE_BAND, EDGE_SEEN = 0, 1, 2  # kinds of candidate edge: need no check, need one, earlier run
 
-def group_bucket(bucket: int, plan: Plan) -> dict[str, np.ndarray]:
-    """Candidate edges `(anchor, key, needs_verify)` and `seen` pairs `(key, earlier id)` of one bucket."""
+
+def earlier_nodes(ids: pa.Array) -> np.ndarray:
+    """Graph nodes for documents of an earlier run, from their ids: negative (never a batch key),
+    the same in every bucket. A 62-bit hash: a collision could only join two earlier clusters."""
+    return np.int64(-1) - (mh.hash_strings(ids) >> np.uint64(2)).astype(np.int64)
+
+
+def group_bucket(bucket: int, plan: Plan) -> dict[str, int]:
+    """Candidate edges `(u, v, kind)` of one bucket, u the smallest key of its `(band, hash)` group,
+    scattered by the partition of u into `work/candidates/`. Rows matching an earlier run's index
+    become `seen` edges to that earlier document, whose id goes to `work/earlier/`."""
     files = io.list_parts(plan.work / "shuffle" / f"bucket-{bucket:05d}")
-    empty = {"u": np.zeros(0, np.int64), "v": np.zeros(0, np.int64), "verify": np.zeros(0, bool),
-             "seen_key": np.zeros(0, np.int64), "seen_id": np.zeros(0, object)}
     if not files:
-        return empty
+        return {"seen": 0}
     rows = pa.concat_tables(pq.read_table(f) for f in files)
     groups = rows.group_by(["band", "hash"]).aggregate([("key", "min"), ("key", "count")])
     groups = groups.filter(pc.greater(groups.column("key_count"), 1)).drop_columns(["key_count"])
     members = rows.join(groups, keys=["band", "hash"], join_type="inner")
     members = members.filter(pc.not_equal(members.column("key"), members.column("key_min")))
-    result = dict(empty)
-    result["u"] = members.column("key_min").to_numpy()
-    result["v"] = members.column("key").to_numpy()
-    result["verify"] = members.column("band").to_numpy() >= 0
-    if plan.earlier_index:
-        index_files = io.list_parts(Path(plan.earlier_index) / f"bucket-{bucket:05d}")
-        if index_files:
-            index = pa.concat_tables(pq.read_table(f) for f in index_files)
-            earliest = index.group_by(["band", "hash"]).aggregate([("id", "min")])
-            seen = rows.join(earliest, keys=["band", "hash"], join_type="inner")
-            result["seen_key"] = seen.column("key").to_numpy()
-            result["seen_id"] = np.asarray(seen.column("id_min").to_pylist(), dtype=object)
-    return result
+    u, v = [members.column("key_min").to_numpy()], [members.column("key").to_numpy()]
+    kind = [np.where(members.column("band").to_numpy() >= 0, EDGE_BAND, EDGE_EXACT).astype(np.int8)]
+    seen = 0
+    index_files = io.list_parts(Path(plan.earlier_index) / f"bucket-{bucket:05d}") if plan.earlier_index else []
+    if index_files:
+        index = pa.concat_tables(pq.read_table(f) for f in index_files)
+        earliest = index.group_by(["band", "hash"]).aggregate([("id", "min")])
+        matched = rows.join(earliest, keys=["band", "hash"], join_type="inner")
+        ids = _flat(matched.column("id_min"))
+        nodes = earlier_nodes(ids)
+        seen = matched.num_rows
+        u.append(matched.column("key").to_numpy())
+        v.append(nodes)
+        kind.append(np.full(seen, EDGE_SEEN, np.int8))
+        scatter(pa.table({"node": nodes, "id": ids}), partition_of(nodes, plan.buckets), plan.buckets,
+                lambda k: plan.work / "earlier" / f"p-{k:05d}" / f"bucket-{bucket:05d}.parquet")
+    u, v, kind = np.concatenate(u), np.concatenate(v), np.concatenate(kind)
+    scatter(pa.table({"u": u, "v": v, "kind": kind}), partition_of(u, plan.buckets), plan.buckets,
+            lambda k: plan.work / "candidates" / f"p-{k:05d}" / f"bucket-{bucket:05d}.parquet")
+    return {"seen": seen}
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. verify
 
 
-def verify_edges(item: tuple[int, np.ndarray, np.ndarray], plan: Plan) -> np.ndarray:
-    """For edges whose first end lies in part `item[0]`: which are similar enough to keep."""
-    _part, u, v = item
+def verify_partition(partition: int, plan: Plan) -> dict[str, int]:
+    """De-duplicate one partition's candidate edges (all copies of an edge share the partition of
+    its first end), check those found by bands, and add what holds to the graph (`work/graph/`)."""
+    u, v, kind = read_columns(io.list_parts(plan.work / "candidates" / f"p-{partition:05d}"), ["u", "v", "kind"])
+    exact = _unique_pairs(u[kind == EDGE_EXACT], v[kind == EDGE_EXACT])
+    band = _unique_pairs(u[kind == EDGE_BAND], v[kind == EDGE_BAND])
+    seen = _unique_pairs(u[kind == EDGE_SEEN], v[kind == EDGE_SEEN])
+    accepted = band
+    if plan.config.verify != "none" and len(band):
+        accepted = band[_similar(band[:, 0], band[:, 1], plan)]
+    edges = np.concatenate([exact, accepted, seen])
+    write_edges(plan.work / "graph", f"from-{partition:05d}", edges[:, 0], edges[:, 1], plan.buckets)
+    return {"exact": len(exact), "candidates": len(band), "verified": len(accepted)}
+
+
+def _similar(u: np.ndarray, v: np.ndarray, plan: Plan) -> np.ndarray:
+    """Which document pairs `(u[i], v[i])` are at least `threshold` similar (by `verify`)."""
     config = plan.config
     if config.verify == "signature":
         loaded: dict[int, np.ndarray] = {}
@@ -285,10 +315,10 @@ def _shingles_of(keys: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     for p in np.unique(_part_of(keys)):
         rows = _row_of(keys[_part_of(keys) == p])
         hashes = np.load(plan.work / "shingles" / f"part-{p:05d}.npy", mmap_mode="r")
-        offsets = np.load(plan.work / "shingles" / f"offsets-{p:05d}.npy")
-        lengths = offsets[rows + 1] - offsets[rows]
+        offsets = np.load(plan.work / "shingles" / f"offsets-{p:05d}.npy", mmap_mode="r")
+        starts, lengths = np.asarray(offsets[rows]), np.asarray(offsets[rows + 1]) - np.asarray(offsets[rows])
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        pieces.append(np.asarray(hashes[np.repeat(offsets[rows], lengths) + within]))
+        pieces.append(np.asarray(hashes[np.repeat(starts, lengths) + within]))
         counts.append(lengths)
     counts_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint64),
@@ -296,27 +326,42 @@ def _shingles_of(keys: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. components and survivors
+# 4. components (components.py) and survivors
 
 
-def connected_components(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(nodes, label)` for an undirected edge list: label = the smallest node of its component.
+def scatter_members(partition: int, plan: Plan, labels_dir: str) -> None:
+    """Send the component label of each batch document in one label partition to its input part
+    (`work/members/`), and each earlier document, with its id, to its cluster's partition."""
+    labels = pq.read_table(Path(labels_dir) / f"p-{partition:05d}.parquet")
+    node, label = labels.column("node").to_numpy(), labels.column("label").to_numpy()
+    batch = node >= 0
+    scatter(pa.table({"key": node[batch], "label": label[batch]}), _part_of(node[batch]), plan.parts,
+            lambda p: plan.work / "members" / f"part-{p:05d}" / f"from-{partition:05d}.parquet")
+    if batch.all():
+        return
+    known, ids = read_columns(io.list_parts(plan.work / "earlier" / f"p-{partition:05d}"), ["node", "id"])
+    # Per node its smallest id: the ids of one node are equal unless two earlier ids share a hash.
+    order = np.lexsort((ids.astype(str), known))
+    known, ids = known[order], ids[order]
+    first = np.searchsorted(known, node[~batch])
+    earlier = pa.table({"label": label[~batch], "key": node[~batch], "id": pa.array(ids[first].tolist(), pa.string()),
+                        "length": np.zeros(len(first), np.int64), "exact": np.zeros(len(first), np.uint64),
+                        "url": np.zeros(len(first), np.uint64)})
+    scatter(earlier, partition_of(label[~batch], plan.buckets), plan.buckets,
+            lambda k: plan.work / "clusters" / f"c-{k:05d}" / f"earlier-{partition:05d}.parquet")
 
-    Min-label propagation with pointer jumping, vectorised over all edges; memory is linear in
-    the number of edges (documents without duplicates never appear).
-    """
-    nodes, inverse = np.unique(np.concatenate([u, v]), return_inverse=True)
-    a, b = inverse[: len(u)], inverse[len(u) :]
-    label = np.arange(len(nodes))
-    while True:
-        lowest = np.minimum(label[a], label[b])
-        new = label.copy()
-        np.minimum.at(new, a, lowest)
-        np.minimum.at(new, b, lowest)
-        new = new[new]
-        if np.array_equal(new, label):
-            return nodes, nodes[label]
-        label = new
+
+def gather_facts(part: int, plan: Plan) -> None:
+    """Join one input part's clustered documents with their facts (id, length, exact and URL
+    hash) and send them to their cluster's partition (`work/clusters/`)."""
+    key, label = read_columns(io.list_parts(plan.work / "members" / f"part-{part:05d}"), ["key", "label"])
+    if len(key) == 0:
+        return
+    docs = pq.read_table(plan.work / "docs" / io.part_name(part)).take(pa.array(_row_of(key)))
+    facts = pa.table({"label": label, "key": key, "id": docs.column("id").cast(pa.string()),
+                      "length": docs.column("length"), "exact": docs.column("exact"), "url": docs.column("url")})
+    scatter(facts, partition_of(label, plan.buckets), plan.buckets,
+            lambda k: plan.work / "clusters" / f"c-{k:05d}" / f"part-{part:05d}.parquet")
 
 
 def cluster_name(survivor_id: str) -> str:
@@ -324,25 +369,27 @@ def cluster_name(survivor_id: str) -> str:
     return hashlib.blake2b(survivor_id.encode(), digest_size=6).hexdigest()
 
 
-def choose_survivors(nodes: np.ndarray, labels: np.ndarray, seen_ids: np.ndarray, plan: Plan) -> pa.Table:
-    """One row per batch document in a cluster: key, cluster, survivor id, reason (null for the survivor).
+def choose_survivors(partition: int, plan: Plan) -> dict[str, Any]:
+    """Decide every batch document of the clusters in one partition: key, cluster, survivor id,
+    reason (null for the survivor), scattered to `work/decisions/` by input part. Returns the
+    partition's cluster sizes and its largest clusters for the stats.
 
-    `nodes < 0` stand for documents of the earlier index (`seen_ids[-node - 1]`); a cluster that
-    holds one is removed entirely (`dedup:seen_before`) in favour of the smallest earlier id.
+    Keys `< 0` are documents of the earlier index; a cluster that holds one is removed entirely
+    (`dedup:seen_before`) in favour of the smallest earlier id.
     """
-    facts = _document_facts(nodes[nodes >= 0], plan)
-    batch = nodes >= 0
-    keys, clusters = nodes[batch], labels[batch]
-    ids = np.asarray(facts.column("id").to_pylist(), dtype=object)
-    length = facts.column("length").to_numpy()
-    exact = facts.column("exact").to_numpy()
-    url = facts.column("url").to_numpy()
-    # Earlier documents of each cluster: the smallest earlier id survives.
+    files = io.list_parts(plan.work / "clusters" / f"c-{partition:05d}")
+    if not files:
+        return {"clusters": 0, "largest": 0, "size_counts": _size_counts(np.zeros(0, np.int64)), "sample": []}
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    keys, clusters = table.column("key").to_numpy(), table.column("label").to_numpy()
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     earlier_of: dict[int, str] = {}
-    for node, cluster in zip(nodes[~batch], labels[~batch]):
-        earlier = seen_ids[-node - 1]
+    for cluster, earlier in zip(clusters[keys < 0].tolist(), ids[keys < 0].tolist()):
         if cluster not in earlier_of or earlier < earlier_of[cluster]:
-            earlier_of[int(cluster)] = earlier
+            earlier_of[cluster] = earlier
+    batch = keys >= 0
+    keys, clusters, ids = keys[batch], clusters[batch], ids[batch]
+    length, exact, url = (table.column(c).to_numpy()[batch] for c in ("length", "exact", "url"))
     if plan.config.survivor == "longest":
         order = np.lexsort((ids.astype(str), -length, clusters))
     else:
@@ -360,34 +407,31 @@ def choose_survivors(nodes: np.ndarray, labels: np.ndarray, seen_ids: np.ndarray
         survivor_ids[seen] = [earlier_of[int(c)] for c in clusters[seen]]
         reasons[seen] = REASON_SEEN
     names = {s: cluster_name(s) for s in set(survivor_ids.tolist())}
-    return pa.table({
+    decisions = pa.table({
         "key": pa.array(keys, pa.int64()),
         "dup_cluster": pa.array([names[s] for s in survivor_ids], pa.string()),
         "dup_survivor": pa.array(survivor_ids.tolist(), pa.string()),
         "reason": pa.array(reasons.tolist(), pa.string()),
     })
-
-
-def _document_facts(keys: np.ndarray, plan: Plan) -> pa.Table:
-    """id, length, exact and URL hash of `keys` (sorted), from the sign step's per-part files."""
-    pieces = []
-    for p in np.unique(_part_of(keys)):
-        table = pq.read_table(plan.work / "docs" / io.part_name(int(p)))
-        pieces.append(table.take(pa.array(_row_of(keys[_part_of(keys) == p]))))
-    if not pieces:
-        return pa.table({"id": pa.array([], pa.string()), "length": pa.array([], pa.int64()),
-                         "exact": pa.array([], pa.uint64()), "url": pa.array([], pa.uint64())})
-    return pa.concat_tables(pieces)
+    scatter(decisions, _part_of(keys), plan.parts,
+            lambda p: plan.work / "decisions" / f"part-{p:05d}" / f"from-{partition:05d}.parquet")
+    sizes = np.unique(decisions.column("dup_cluster").to_numpy(zero_copy_only=False), return_counts=True)[1]
+    return {"clusters": len(sizes), "largest": int(sizes.max(initial=0)), "size_counts": _size_counts(sizes),
+            "sample": _sample_clusters(decisions, plan.config.sample_clusters)}
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. write
 
 
-def write_part(item: tuple[int, str, pa.Table, list[int]], plan: Plan) -> dict[str, Any]:
-    """Write `kept/` and `removed/` for one input part, its survivors into `index/`, and return
-    the counts and the sampled documents that live in this part."""
-    part, path, decisions, sample_keys = item
+def write_part(item: tuple[int, str, list[int]], plan: Plan) -> dict[str, Any]:
+    """Write `kept/` and `removed/` for one input part (its decisions from `work/decisions/`), its
+    survivors into `index/`, and return the counts and the sampled documents that live in it."""
+    part, path, sample_keys = item
+    files = io.list_parts(plan.work / "decisions" / f"part-{part:05d}")
+    decisions = pa.concat_tables(pq.read_table(f) for f in files) if files else pa.table({
+        "key": pa.array([], pa.int64()), "dup_cluster": pa.array([], pa.string()),
+        "dup_survivor": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
     table = pq.read_table(path)
     n = table.num_rows
     rows = _row_of(decisions.column("key").to_numpy())
@@ -408,8 +452,9 @@ def write_part(item: tuple[int, str, pa.Table, list[int]], plan: Plan) -> dict[s
     removed = io.with_reason(table.filter(pa.array(removed_mask)), [r for r in reason if r is not None])
     if "reason" in kept.column_names:
         kept = kept.drop_columns(["reason"])
-    io.write_parquet_atomic(kept, Path(plan.stage_dir) / io.KEPT / io.part_name(part))
-    io.write_parquet_atomic(removed, Path(plan.stage_dir) / io.REMOVED / io.part_name(part))
+    caps = (plan.config.max_part_rows, plan.config.max_part_bytes)
+    io.write_parts(kept, Path(plan.stage_dir) / io.KEPT, part, *caps)
+    io.write_parts(removed, Path(plan.stage_dir) / io.REMOVED, part, *caps)
     _index_survivors(part, np.flatnonzero(~removed_mask), table.column("id"), plan)
     counts: dict[str, int] = {}
     for r in reason[removed_mask]:
@@ -495,15 +540,16 @@ def _unique_pairs(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.unique(np.stack([u, v], axis=1).astype(np.int64), axis=0)
 
 
-def _cluster_size_histogram(sizes: np.ndarray) -> dict[str, Any]:
-    edges = CLUSTER_SIZE_EDGES + [max(CLUSTER_SIZE_EDGES[-1] + 1, int(sizes.max(initial=0)) + 1)]
-    counts, _ = np.histogram(sizes, bins=edges)
-    return {"edges": edges, "counts": counts.tolist()}
+def _size_counts(sizes: np.ndarray) -> np.ndarray:
+    """How many clusters fall in each bin `[CLUSTER_SIZE_EDGES[i], CLUSTER_SIZE_EDGES[i + 1])`, the last open."""
+    bins = np.searchsorted(CLUSTER_SIZE_EDGES, sizes, side="right") - 1
+    return np.bincount(bins[bins >= 0], minlength=len(CLUSTER_SIZE_EDGES))
 
 
 @custom_stage("dedup", DedupConfig, produces_documents=True)
 def dedup(ctx: StageContext) -> StageResult:
-    """Remove exact and near duplicates across all input parts; see the module docstring."""
+    """Remove exact and near duplicates across all input parts; see the module docstring. The
+    client only hands out work and adds up counts: every step's data stays in files."""
     config: DedupConfig = ctx.config
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -514,62 +560,41 @@ def dedup(ctx: StageContext) -> StageResult:
                 "url": config.url}
     earlier, meta = _open_earlier_index(config, ctx, settings)
     buckets = meta.get("buckets") or config.shuffle_partitions or max(1, min(len(parts), 256))
-    plan = Plan(config, bands, rows, buckets, str(ctx.stage_dir), str(earlier) if earlier else None,
+    plan = Plan(config, bands, rows, buckets, len(parts), str(ctx.stage_dir), str(earlier) if earlier else None,
                 batch=meta.get("batches", 0) + 1)
     for folder in ("work", "index", io.KEPT, io.REMOVED):
         shutil.rmtree(ctx.stage_dir / folder, ignore_errors=True)
     for folder in ("docs", "shuffle", "signatures", "shingles", "bands"):
         (plan.work / folder).mkdir(parents=True, exist_ok=True)
 
-    signed = ctx.map(functools.partial(sign_part, plan=plan), list(enumerate(parts)), f"{ctx.name}: sign")
-    timings["sign"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    grouped = ctx.map(functools.partial(group_bucket, plan=plan), range(buckets), f"{ctx.name}: group")
-    u = np.concatenate([g["u"] for g in grouped] + [np.zeros(0, np.int64)])
-    v = np.concatenate([g["v"] for g in grouped] + [np.zeros(0, np.int64)])
-    needs_verify = np.concatenate([g["verify"] for g in grouped] + [np.zeros(0, bool)])
-    seen_key = np.concatenate([g["seen_key"] for g in grouped] + [np.zeros(0, np.int64)])
-    seen_id = np.concatenate([g["seen_id"] for g in grouped] + [np.zeros(0, object)])
-    timings["group"] = time.perf_counter() - clock
+    def step(name: str, fn: Any, items: Any) -> list[Any]:
+        clock = time.perf_counter()
+        results = ctx.map(functools.partial(fn, plan=plan), items, f"{ctx.name}: {name}")
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
+        return results
 
+    signed = step("sign", sign_part, list(enumerate(parts)))
+    grouped = step("group", group_bucket, range(buckets))
+    verified = step("verify", verify_partition, range(buckets))
     clock = time.perf_counter()
-    # An edge found by several bands is checked once; one found by an exact hash is never checked.
-    exact_pairs = _unique_pairs(u[~needs_verify], v[~needs_verify])
-    band_pairs = _unique_pairs(u[needs_verify], v[needs_verify])
-    accepted = band_pairs
-    if config.verify != "none" and len(band_pairs):
-        owner = _part_of(band_pairs[:, 0])
-        items = [(int(p), band_pairs[owner == p, 0], band_pairs[owner == p, 1]) for p in np.unique(owner)]
-        verdicts = ctx.map(functools.partial(verify_edges, plan=plan), items, f"{ctx.name}: verify")
-        keep = np.zeros(len(band_pairs), dtype=bool)
-        for (p, _, _), verdict in zip(items, verdicts):
-            keep[np.flatnonzero(owner == p)] = verdict
-        accepted = band_pairs[keep]
-    timings["verify"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    earlier_ids, earlier_index = np.unique(seen_id.astype(str), return_inverse=True) if len(seen_id) else (np.zeros(0, object), np.zeros(0, np.int64))
-    edge_u = np.concatenate([exact_pairs[:, 0], accepted[:, 0], seen_key])
-    edge_v = np.concatenate([exact_pairs[:, 1], accepted[:, 1], -(earlier_index.astype(np.int64) + 1)])
-    nodes, labels = connected_components(edge_u.astype(np.int64), edge_v.astype(np.int64))
-    decisions = choose_survivors(nodes, labels, earlier_ids.astype(object), plan)
+    graph = label_components(plan.work / "graph", buckets, ctx.map, f"{ctx.name}: components")
+    ctx.map(functools.partial(scatter_members, plan=plan, labels_dir=str(graph.labels_dir)), range(buckets),
+            f"{ctx.name}: members")
     timings["components"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    decision_part = _part_of(decisions.column("key").to_numpy())
-    sample = _sample_clusters(decisions, config.sample_clusters)
+    step("survivors", gather_facts, range(len(parts)))
+    chosen = step("survivors", choose_survivors, range(buckets))
+    sample = sorted((c for r in chosen for c in r["sample"]), key=lambda c: (-c["size"], c["cluster"]))
+    sample = sample[: config.sample_clusters]
     sample_keys = [k for c in sample for k in c["keys"]]
-    items = []
-    for p, path in enumerate(parts):
-        mine = decisions.filter(pa.array(decision_part == p))
-        items.append((p, path, mine, [k for k in sample_keys if k >> 32 == p]))
-    written = ctx.map(functools.partial(write_part, plan=plan), items, f"{ctx.name}: write")
+    written = step("write", write_part, [(p, path, [k for k in sample_keys if k >> 32 == p])
+                                         for p, path in enumerate(parts)])
+    clock = time.perf_counter()
     io.write_json_atomic({"settings": settings, "buckets": buckets, "batches": plan.batch},
                          ctx.stage_dir / "index" / "meta.json")
     if earlier is not None:
         _link_earlier_index(earlier, ctx.stage_dir / "index")
     shutil.rmtree(plan.work, ignore_errors=True)
-    timings["write"] = time.perf_counter() - clock
+    timings["write"] += time.perf_counter() - clock
 
     n_in = sum(s["rows"] for s in signed)
     removed_by_reason: dict[str, int] = {}
@@ -579,7 +604,8 @@ def dedup(ctx: StageContext) -> StageResult:
             removed_by_reason[reason] = removed_by_reason.get(reason, 0) + count
         samples.update(w["samples"])
     removed = sum(removed_by_reason.values())
-    sizes = np.unique(decisions.column("dup_cluster").to_numpy(zero_copy_only=False), return_counts=True)[1]
+    largest = max((r["largest"] for r in chosen), default=0)
+    edges = {name: sum(v[name] for v in verified) for name in ("exact", "candidates", "verified")}
     stats = {
         "lsh": {"num_perm": config.num_perm, "scheme": config.scheme, "bands": bands, "rows": rows, "threshold": config.threshold,
                 "shingle": config.shingle, "ngram": config.ngram, "verify": config.verify,
@@ -587,12 +613,13 @@ def dedup(ctx: StageContext) -> StageResult:
         "duplicate_rate": removed / n_in if n_in else 0.0,
         "removed_by_reason": removed_by_reason,
         "documents_without_shingles": sum(s["no_shingles"] for s in signed),
-        "edges": {"exact": int(len(exact_pairs)), "candidates": int(len(band_pairs)),
-                  "verified": int(len(accepted)), "rejected": int(len(band_pairs) - len(accepted)),
-                  "seen_before": int(len(seen_key))},
-        "clusters": int(len(sizes)),
-        "largest_cluster": int(sizes.max(initial=0)),
-        "cluster_size_histogram": _cluster_size_histogram(sizes),
+        "edges": {**edges, "rejected": edges["candidates"] - edges["verified"],
+                  "seen_before": sum(g["seen"] for g in grouped)},
+        "components": {"rounds": graph.rounds, "nodes": graph.nodes, "label_changes": graph.changed_per_round},
+        "clusters": sum(r["clusters"] for r in chosen),
+        "largest_cluster": largest,
+        "cluster_size_histogram": {"edges": CLUSTER_SIZE_EDGES + [max(CLUSTER_SIZE_EDGES[-1] + 1, largest + 1)],
+                                   "counts": np.sum([r["size_counts"] for r in chosen], axis=0).tolist()},
         "sample_clusters": [
             {"cluster": c["cluster"], "size": c["size"], "survivor": c["survivor"],
              "documents": [samples[k] for k in c["keys"] if k in samples]}

@@ -1,9 +1,13 @@
 """Language identification: which language a text is written in, and how sure the model is.
 
-By default the model bundled with py3langid (97 languages, ISO 639-1 codes such as `en`, `ja`),
-which ships inside the package and runs offline. With a path to a fastText model (`lid.176.bin`
-gives ISO 639-1 codes, GlotLID gives codes such as `eng_Latn`) that model is used instead; it
-needs the optional package `fasttext` (`pip install 'gristmill[fasttext]'`).
+By default the model bundled with py3langid (142 classes, 140 labels: `sr` and `uz` come in two
+scripts, and `zxx` means "no linguistic content"), which ships inside the package and runs offline. Its labels are reported in
+gristmill's canonical form (`gristmill.pipeline.languages`): ISO 639-1 where the language has a
+two-letter code (`en`, `ja`, `ki`), ISO 639-3 otherwise (`yue`, `wuu`, `ary`, `arz`). With a path to
+a fastText model (`lid.176.bin` gives mostly ISO 639-1 codes, GlotLID codes such as `eng_Latn`) that
+model is used instead, its labels as the model writes them (the filter stage compares codes in
+canonical form, so both kinds match its `allow` list); it needs the optional package `fasttext`
+(`pip install 'gristmill[fasttext]'`).
 
 `identify(texts) -> [(lang, score), ...]`: one guess per text, in order; `score` is the model's
 probability in [0, 1] for `lang`. A list rather than one text, so a model can score a whole file's
@@ -17,6 +21,8 @@ import importlib.util
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
+
+from gristmill.pipeline.languages import language_code
 
 BUNDLED_MODEL = "py3langid"
 FASTTEXT_LABEL_PREFIX = "__label__"
@@ -78,7 +84,7 @@ class ByteNgramNaiveBayes:
         import numpy as np
 
         self.np = np
-        self.labels = list(model.nb_classes)
+        self.labels = [language_code(label) for label in model.nb_classes]  # `kik` -> `ki`
         self.next_state = np.asarray(model.tk_nextmove)
         self.row_start = np.asarray(model.tk_row, dtype=np.int64) << 8
         self.feature_of_state = np.asarray(model.tk_output)

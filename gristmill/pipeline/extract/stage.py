@@ -2,7 +2,9 @@
 
 Input: archive files or globs (`.warc`, `.warc.gz`, `.wet`, `.wet.gz`, `.arc`, `.arc.gz`; Common
 Crawl's layout works with a glob such as `crawl-data/**/*.warc.gz`), or an upstream `crawl` stage,
-whose files are `<stage dir>/warc/*.warc.gz`. One work unit is one file.
+whose files are `<stage dir>/warc/*.warc.gz`. Work units are about `split_bytes` of archive: files
+gzipped record by record are cut at record boundaries (see `archive.archive_spans`), small files
+are grouped, and files that cannot be split are one unit each (stats say why).
 
 Every response, resource and conversion (WET) record becomes exactly one row: kept with its text,
 or removed with a reason (`extract:truncated`, `extract:not_html`, ...). Requests, metadata and
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import functools
 import gzip
 import importlib.util
 import re
@@ -24,15 +27,23 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 from resiliparse.parse.html import HTMLTree
 
 from gristmill.pipeline import io
 from gristmill.pipeline.extract import langid
-from gristmill.pipeline.extract.archive import ArchiveRecord, is_archive_file, iter_records, read_record
-from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, source_stage
+from gristmill.pipeline.extract.archive import (
+    ArchiveRecord,
+    ArchiveSpan,
+    archive_spans,
+    is_archive_file,
+    iter_records,
+    read_record,
+)
+from gristmill.pipeline.extract.text import normalize_text
+from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, group_by_size, source_stage
 
 # The document columns, then the title and the pointer back to the source record.
 EXTRACT_SCHEMA = pa.schema(
@@ -67,6 +78,10 @@ class ExtractConfig(StageConfig):
     max_junk_ratio: float = 0.01
     langid_model: str | None = None
     langid_max_chars: int = 1_000
+    # ~256 MB of gzipped WARC holds ~100 MB of extracted text (Common Crawl: a 1 GB WARC, ~400 MB of WET).
+    split_bytes: ByteSize = Field(default=ByteSize(256 * 2**20), ge=1)
+    # One document bigger than this costs gigabytes downstream (filters hold several copies).
+    max_doc_chars: int = Field(default=1_000_000, ge=1)
 
     @field_validator("max_payload_bytes", "langid_max_chars")
     @classmethod
@@ -90,8 +105,16 @@ class ExtractConfig(StageConfig):
         return self
 
 
-def list_extract_units(ctx: StageContext) -> list[str]:
-    """One unit per archive file: the WARC files of upstream `crawl` stages, then path inputs."""
+def list_extract_units(ctx: StageContext) -> list[list[ArchiveSpan]]:
+    """Spans of the archive files (the WARC files of upstream `crawl` stages, then path inputs),
+    indexed on the cluster and grouped up to `split_bytes`."""
+    config: ExtractConfig = ctx.config
+    index = functools.partial(archive_spans, split_bytes=config.split_bytes)
+    spans = [span for spans in ctx.map(index, _archive_files(ctx), f"{ctx.name}: index") for span in spans]
+    return group_by_size(spans, lambda span: span.size, config.split_bytes)
+
+
+def _archive_files(ctx: StageContext) -> list[str]:
     files: list[str] = []
     for entry in ctx.inputs:
         if entry.is_stage:
@@ -163,16 +186,24 @@ def decode_content_encoding(payload: bytes, content_encoding: str | None) -> byt
 
 def html_to_text(html: str, extractor: str, main_content: bool = True) -> tuple[str, str | None]:
     """(text, title) of an HTML page. `main_content` drops navigation and boilerplate (resiliparse;
-    trafilatura always does). The title comes from the parsed `<title>` either way."""
+    trafilatura always does). The title comes from the parsed `<title>` either way. The text of
+    both extractors is normalised the same way (see `extract.text`).
+
+    The resiliparse tree is dropped before trafilatura runs and never left in a traceback: a
+    resiliparse tree must be freed on the thread that built it, and a tree kept alive by a frame
+    in a reference cycle is freed by whichever thread runs the garbage collector."""
     tree = HTMLTree.parse(html)
-    title = (tree.title or "").strip() or None
+    try:
+        title = (tree.title or "").strip() or None
+        if extractor != "trafilatura":
+            text = extract_plain_text(tree, preserve_formatting=True, main_content=main_content, alt_texts=False)
+    finally:
+        del tree
     if extractor == "trafilatura":
         import trafilatura
 
         text = trafilatura.extract(html, favor_precision=True, include_comments=False, deduplicate=False) or ""
-    else:
-        text = extract_plain_text(tree, preserve_formatting=True, main_content=main_content, alt_texts=False)
-    return text.strip(), title
+    return normalize_text(text), title
 
 
 def read_record_html(warc_file: str | Path, offset: int) -> str:
@@ -245,6 +276,8 @@ def _extract_record(record: ArchiveRecord, row: dict, config: ExtractConfig) -> 
             raise _Removal("extract:extractor_error", f"{type(error).__name__}: {error}") from None
     if not text:
         raise _Removal("extract:empty_text", "no text after extraction")
+    if len(text) > config.max_doc_chars:
+        raise _Removal("extract:too_long", f"{len(text):,} characters > max_doc_chars {config.max_doc_chars:,}")
     row["text"], row["title"] = text, title
 
 
@@ -254,8 +287,8 @@ def text_length_bin(chars: int) -> int:
 
 
 @source_stage("extract", ExtractConfig, units=list_extract_units)
-def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
-    """Turn every document record of one archive file into a kept or a removed row."""
+def extract_archive(unit: list[ArchiveSpan], config: ExtractConfig) -> PartitionOutput:
+    """Turn every document record of the spans of one unit into a kept or a removed row."""
     identify = langid.language_identifier(config.langid_model)
     kept: list[dict] = []
     removed: list[dict] = []
@@ -265,10 +298,13 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
     languages: dict[str, int] = {}
     charsets: dict[str, int] = {}
     text_chars = [0] * len(TEXT_CHARS_EDGES)
-    payload_bytes = 0
-    for record in iter_records(warc_file, config.max_payload_bytes, counts=record_types):
+    payload_bytes = skipped_bytes = 0
+    records = (record for span in unit for record in iter_records(
+        span.path, config.max_payload_bytes, counts=record_types, start=span.start, end=span.end, layout=span.layout))
+    for record in records:
         row = _row(record)
         payload_bytes += len(record.payload or b"")
+        skipped_bytes += record.skipped_bytes
         try:
             _extract_record(record, row, config)
         except _Removal as removal:
@@ -279,7 +315,7 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
         charsets[row["charset"]] = charsets.get(row["charset"], 0) + 1
         text_chars[text_length_bin(len(row["text"]))] += 1
         kept.append(row)
-    # One call for the whole file: the language model scores many pages far faster than one at a time.
+    # One call for the whole unit: the language model scores many pages far faster than one at a time.
     guesses = identify([row["text"][: config.langid_max_chars] for row in kept])
     for row, (lang, score) in zip(kept, guesses, strict=True):
         row["lang"], row["lang_score"] = lang, score
@@ -287,10 +323,12 @@ def extract_archive(warc_file: str, config: ExtractConfig) -> PartitionOutput:
     stats = {
         "extractor": config.extractor,
         "langid_model": langid.model_name(config.langid_model),
-        "files": 1,
-        "damaged_files": int(removed_by_reason.get("extract:unreadable", 0) > 0),
+        "files": sum(span.start == 0 for span in unit),
+        "spans": len(unit),
+        "unsplit_files": {span.path: span.note for span in unit if span.note},
         "records_by_type": record_types,
         "payload_bytes": payload_bytes,
+        "skipped_bytes": skipped_bytes,
         "languages": languages,
         "charsets": charsets,
         "text_chars": {"edges": TEXT_CHARS_EDGES, "counts": text_chars},

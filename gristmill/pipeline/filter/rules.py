@@ -31,6 +31,7 @@ from gristmill.pipeline.filter.text import (
     per_doc_sum,
     ratio,
 )
+from gristmill.pipeline.languages import language_code
 
 
 class RuleFamily(BaseModel):
@@ -173,7 +174,8 @@ def check_url(part: Partition, config: UrlConfig) -> Checked:
 
 class LanguageConfig(RuleFamily):
     """Language allow-list on the `lang`/`lang_score` columns from extract. An empty `allow` lets
-    every language through. `min_score` 0.65 is FineWeb's language-ID threshold (Penedo et al.
+    every language through. Codes compare in canonical form (`gristmill.pipeline.languages`), so
+    `allow: [en, yue]`, `[eng, yue]` and `[en-US]` mean the same. `min_score` 0.65 is FineWeb's language-ID threshold (Penedo et al.
     2024); documents without a score are not judged on it."""
 
     allow: list[str] = []
@@ -183,7 +185,7 @@ class LanguageConfig(RuleFamily):
 def check_language(part: Partition, config: LanguageConfig) -> Checked:
     failures = []
     if config.allow:
-        allowed = {a.lower() for a in config.allow}
+        allowed = {language_code(code) for code in config.allow}
         failures.append(("not_allowed", np.array([lang not in allowed for lang in part.lang], dtype=bool)))
     if config.min_score is not None:
         score = part.lang_score
@@ -208,6 +210,8 @@ class GopherRepetitionConfig(RuleFamily):
     dup_n_grams: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 
 
+LINE_BREAK = r"\n(?:[^\S\n]*\n)*"  # a line break and any whitespace-only lines after it
+BLANK_LINE_BREAK = r"\n[^\S\n]*\n\s*"  # a break with at least one (whitespace-only) blank line
 _HASH_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime: n-gram hash = polynomial in ids
 _LOW = (1 << 32) - 1
 
@@ -304,8 +308,10 @@ def _duplicate_fractions(pieces: Pieces, n_docs: int) -> tuple[np.ndarray, np.nd
 
 def check_gopher_repetition(part: Partition, config: GopherRepetitionConfig) -> Checked:
     n_docs = part.size
-    paragraphs = Pieces.split(pc.utf8_trim_whitespace(part.text), r"\n{2,}")
-    lines = Pieces.split(part.text, r"\n+")
+    # Blank lines (whitespace-only ones too) are no lines and separate paragraphs, as in Gopher.
+    text = pc.utf8_trim_whitespace(part.text)
+    paragraphs = Pieces.split(text, BLANK_LINE_BREAK)
+    lines = Pieces.split(text, LINE_BREAK)
     para_total, para_dup, para_dup_chars = _duplicate_fractions(paragraphs, n_docs)
     line_total, line_dup, line_dup_chars = _duplicate_fractions(lines, n_docs)
     signals = {
@@ -359,7 +365,7 @@ class GopherQualityConfig(RuleFamily):
 def _distinct_stop_words(part: Partition, config: GopherQualityConfig) -> tuple[np.ndarray, np.ndarray]:
     """Per document: how many distinct stop words of its language it contains (case-sensitive, as
     Gopher's list is matched in datatrove), and whether its language has a list at all."""
-    lists = {**STOP_WORDS, **{lang.lower(): tuple(words) for lang, words in config.stop_words.items()}}
+    lists = {**STOP_WORDS, **{language_code(lang): tuple(words) for lang, words in config.stop_words.items()}}
     has_list = np.array([lang in lists for lang in part.lang], dtype=bool)
     vocabulary = sorted({w for words in lists.values() for w in words})
     languages = sorted(lists)

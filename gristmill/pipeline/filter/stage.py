@@ -38,7 +38,7 @@ from gristmill.pipeline.filter.rules import (
     check_length,
     check_url,
 )
-from gristmill.pipeline.filter.text import language_code
+from gristmill.pipeline.languages import language_code
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, document_stage
 
 ANNOTATION_COLUMN = "filter_reason"

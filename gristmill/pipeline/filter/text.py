@@ -81,13 +81,6 @@ STOP_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def language_code(lang: str | None) -> str:
-    """`en` from `en`, `en-US`, `en_Latn`; empty string for a missing language."""
-    if not lang:
-        return ""
-    return re.split(r"[-_]", lang.strip().lower(), maxsplit=1)[0]
-
-
 def split_words(text: str) -> list[str]:
     """The tokens of one text: words, single punctuation marks, ellipses, URLs, CJK characters."""
     return TOKEN_PATTERN.findall(text)

@@ -8,7 +8,8 @@ to its type's policy, and two columns are added:
   offsets into the text *before* replacement, in order. `original` is the replaced string when
   `store_originals` is on (the default, for the dashboard's before/after view; the values then
   live in this stage's run folder, so share `kept/` only with whoever may see the raw crawl) and
-  null when it is off.
+  null when it is off. Originals never travel further: document stages downstream read the spans
+  with `original` nulled, and `write` exports them only with `pii_originals: true`.
 
 Documents are never dropped for containing personal data; only a record that cannot be scanned
 goes to `removed/` with its reason: `pii:null_text`, or `pii:time_budget` when its scan ran past
