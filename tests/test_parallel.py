@@ -71,9 +71,12 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(shards_dir: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object]) -> None:
-    """`torchrun -m gristmill.model.train` until SAVED_AT on `processes` CPU processes with `parallel`."""
-    settings = {**SETTINGS, "batch_size": batch_size, "stop_at": SAVED_AT} | {f"parallel.{k}": v for k, v in parallel.items()}
+def torchrun(shards_dir: Path, out: Path, processes: int, batch_size: int, parallel: dict[str, object],
+             extra: dict[str, object] | None = None) -> None:
+    """`torchrun -m gristmill.model.train` until SAVED_AT on `processes` CPU processes with `parallel`
+    (and `extra` settings)."""
+    settings = {**SETTINGS, **(extra or {}), "batch_size": batch_size, "stop_at": SAVED_AT}
+    settings |= {f"parallel.{k}": v for k, v in parallel.items()}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()),
                "-m", "gristmill.model.train", str(shards_dir), "--out", str(out), "--device", "cpu",
@@ -151,12 +154,29 @@ def test_layout_matches_one_process_and_resumes_on_one_process(name, tmp_path, s
         (2, {"pipeline": 2}, {"tie_weights": True}, "tie_weights: false"),
         (2, {"pipeline": 2, "microbatches": 3}, {"tie_weights": False}, r"microbatches \(3\) must divide batch_size"),
         (4, {"pipeline": 4, "microbatches": 2}, {"tie_weights": False}, "n_layer"),
+        (2, {"pipeline": 2}, {"architecture": "encoder_decoder"}, "pipeline > 1 supports architecture: decoder only, "
+         "not architecture: encoder_decoder"),
+        (2, {"pipeline": 2}, {"architecture": "encoder"}, "not architecture: encoder"),
+        (2, {"pipeline": 2}, {"position": "relative"}, "position: relative"),
     ],
 )
 def test_impossible_layouts_are_errors_naming_the_settings(world_size, parallel, extra, message):
     config = TrainConfig(**{**SETTINGS, "n_layer": 2, **extra}, parallel=parallel)
     with pytest.raises(ValueError, match=message):
         plan_layout(config, world_size)
+
+
+@pytest.mark.parametrize("arch", [
+    {"architecture": "encoder_decoder", "position": "relative", "mlp": "gelu"},  # cross-attention, T5 bias
+    {"architecture": "encoder", "position": "alibi"},  # MLM head, per-head slopes
+])
+def test_tensor_parallel_encoder_architectures_match_one_process(arch, tmp_path, shards, monkeypatch):
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    one = tmp_path / "one"
+    train(TrainConfig(**SETTINGS, **arch, batch_size=8, stop_at=SAVED_AT), shards, one)
+    torchrun(shards, tmp_path / "split", 2, 8, {"tensor": 2}, arch)
+    np.testing.assert_allclose(losses(tmp_path / "split"), losses(one), rtol=1e-4)
 
 
 def test_unknown_parallel_setting_is_an_error_naming_the_key():
