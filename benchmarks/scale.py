@@ -2,9 +2,9 @@
 
 Data: a synthetic web crawl built with a fixed seed from the bundled sample site's paragraphs. Each
 page draws a language (weighted by how many paragraphs the site has in it), then 6-18 of that
-language's paragraphs, wrapped in HTML; a fifth of the pages carry an e-mail address and a phone
+language's paragraphs (no paragraph twice), wrapped in HTML; a fifth of the pages carry an e-mail address and a phone
 number (work for `pii`), and `NEAR_DUPLICATES` (15%) of them are copies of an earlier page with 1%
-of the words edited (work for `dedup`). The pages are written by gristmill's crawler writer
+of the words (at least one) edited (work for `dedup`). The pages are written by gristmill's crawler writer
 (`WarcRoller`: request + response records, one gzip member per record) into ONE WARC file, the
 1x corpus holding `--pages` pages and the 4x corpus four times as many, drawn the same way.
 
@@ -21,15 +21,19 @@ after an untimed warm-up run of the same workflow on a small WARC on that cluste
   The machine may be shared: the load average before and after each run, and CPU/wall (CPU seconds
   of this process and all its descendants, i.e. client, scheduler and workers, over wall seconds;
   2.0 would be two cores busy throughout) are printed, so a reader can judge how much of a shortfall
-  is the machine's.
+  is the machine's. `cpu_efficiency` = CPU seconds(1 worker) / CPU seconds(2 workers) is the part
+  of the shortfall that other jobs cannot cause: the extra work that running on two workers costs.
 - Memory: the peak resident memory (psutil, sampled every 0.2 s by a thread) of the client (this
   process, which also hosts the scheduler) and of each worker, in the 2-worker runs on the 1x and 4x
   corpora; `rss_growth` is the largest peak(4x) / peak(1x) over those processes, target <= 1.25.
+- The one serial step before the extract tasks: indexing the one WARC (a single task inflates every
+  gzip member to find the record boundaries), timed here in this process on the 4x WARC
+  (`index_4x_s`, and its share of the 2-worker run's wall time).
 - Dedup alone at `--dedup-docs N` short documents (`benchmarks.dedup.memory`: 2 workers, 40,000
   documents a part): client peak <= 1.5 GB, each worker's <= 3 GB, and its docs/s.
 
-`--quick`: 400 pages at 1x and 50,000 dedup documents (about two minutes on two idle cores);
-defaults: 2,000 pages and 2,000,000 dedup documents. Exits 0 whatever the figures.
+`--quick`: 600 pages at 1x and 20,000 dedup documents (about two minutes on two idle cores);
+defaults: 3,000 pages and 2,000,000 dedup documents. Exits 0 whatever the figures.
 
 Last line: {"benchmark": "scale", "efficiency": ..., "rss_growth": ..., "dedup_client_gb": ...,
 "dedup_worker_gb": ..., "ratio": <efficiency>, "target": 0.85, ...}
@@ -57,6 +61,7 @@ from benchmarks.measure import pin_threads
 from benchmarks.sample_pages import sample_pages
 from gristmill.pipeline import io
 from gristmill.pipeline.crawl.warc import Exchange, WarcRoller
+from gristmill.pipeline.extract.archive import archive_spans
 
 UNITS_AT_1X = 8
 NEAR_DUPLICATES = 0.15
@@ -74,7 +79,7 @@ def paragraphs_by_language() -> dict[str, list[str]]:
 
 def synthetic_pages(n: int, seed: int = 0) -> list[str]:
     """`n` HTML pages recombined from the sample site's paragraphs; `NEAR_DUPLICATES` of them are
-    1%-edited copies of an earlier page."""
+    copies of an earlier page with 1% of its words (at least one) edited."""
     rng = random.Random(seed)
     paragraphs = paragraphs_by_language()
     languages = sorted(paragraphs)
@@ -82,11 +87,14 @@ def synthetic_pages(n: int, seed: int = 0) -> list[str]:
     bodies: list[list[str]] = []
     for i in range(n):
         if bodies and rng.random() < NEAR_DUPLICATES:
-            source = rng.choice(bodies)
-            body = [" ".join(edit(p.split(), 0.01, rng)) for p in source]
+            body = [p.split() for p in rng.choice(bodies)]
+            for _ in range(max(1, round(0.01 * sum(map(len, body))))):  # 1% of the page's words, at least one
+                k = rng.choices(range(len(body)), [len(words) for words in body])[0]
+                body[k] = edit(body[k], 1 / len(body[k]), rng)
+            body = [" ".join(words) for words in body]
         else:
             lang = rng.choices(languages, weights)[0]
-            body = [rng.choice(paragraphs[lang]) for _ in range(rng.randrange(6, 19))]
+            body = rng.sample(paragraphs[lang], min(rng.randrange(6, 19), len(paragraphs[lang])))
             if rng.random() < PII_SHARE:
                 body.append(f"Write to reader{i}@mailbox{i % 97}.net or call +1 415 555 {i % 10_000:04d}.")
         bodies.append(body)
@@ -161,7 +169,7 @@ def run(workflow: Path, warm_up: Path, workers: int, folder: Path) -> dict:
     docs = counts["extract"]["kept"] + counts["extract"]["removed"]
     result = {
         "workers": workers, "docs": docs, "units": extract["units"], "wall_s": round(wall, 2),
-        "docs_per_s": round(docs / wall, 1), "cpu_per_wall": round(cpu / wall, 2),
+        "docs_per_s": round(docs / wall, 1), "cpu_s": round(cpu, 2), "cpu_per_wall": round(cpu / wall, 2),
         "load_before": round(load_before, 2), "load_after": round(load_after, 2),
         "peak_gb": {name: round(peak / 2**30, 3) for name, peak in rss.peaks.items()},
         "kept": {stage: counts[stage]["kept"] for stage in STAGES},
@@ -178,7 +186,11 @@ def pipeline(pages: int) -> dict:
                  (("1x", pages, 0), ("4x", 4 * pages, 0), ("warm-up", 40, 1))}
         sizes = {name: path.stat().st_size for name, path in warcs.items()}
         split_bytes = sizes["1x"] // UNITS_AT_1X
-        print(f"one WARC each: {sizes} bytes; split_bytes {split_bytes}", file=sys.stderr)
+        started = time.perf_counter()
+        spans = archive_spans(warcs["4x"], split_bytes)
+        index_s = time.perf_counter() - started
+        print(f"one WARC each: {sizes} bytes; split_bytes {split_bytes}; indexing the 4x WARC (one task, "
+              f"before any extract task starts): {index_s:.2f} s, {len(spans)} spans", file=sys.stderr)
         workflows = {name: workflow_file(folder / f"{name}.yaml", path, split_bytes) for name, path in warcs.items()}
         one = run(workflows["4x"], workflows["warm-up"], 1, folder / "4x-1")
         two = run(workflows["4x"], workflows["warm-up"], 2, folder / "4x-2")
@@ -187,23 +199,26 @@ def pipeline(pages: int) -> dict:
     return {
         "efficiency": round(two["docs_per_s"] / (2 * one["docs_per_s"]), 3),
         "rss_growth": max(growth.values()),
+        "cpu_efficiency": round(one["cpu_s"] / two["cpu_s"], 3),
         "rss_growth_by_process": growth,
         "warc_bytes": {"1x": sizes["1x"], "4x": sizes["4x"]},
         "split_bytes": split_bytes,
+        "index_4x_s": round(index_s, 3),
+        "index_4x_share_of_2_worker_wall": round(index_s / two["wall_s"], 4),
         "runs": {"4x_1_worker": one, "4x_2_workers": two, "1x_2_workers": small},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="400 pages and 50,000 dedup documents, ~2 minutes")
-    parser.add_argument("--pages", type=int, default=None, help="pages of the 1x corpus (default 2,000, quick 400)")
+    parser.add_argument("--quick", action="store_true", help="600 pages and 20,000 dedup documents, ~2 minutes")
+    parser.add_argument("--pages", type=int, default=None, help="pages of the 1x corpus (default 3,000, quick 600)")
     parser.add_argument("--dedup-docs", type=int, default=None,
-                        help="documents for the dedup memory check (default 2,000,000, quick 50,000)")
+                        help="documents for the dedup memory check (default 2,000,000, quick 20,000)")
     args = parser.parse_args()
     pin_threads()
-    pages = args.pages or (400 if args.quick else 2_000)
-    n = args.dedup_docs or (50_000 if args.quick else 2_000_000)
+    pages = args.pages or (600 if args.quick else 3_000)
+    n = args.dedup_docs or (20_000 if args.quick else 2_000_000)
     scale = pipeline(pages)
     dedup = memory(n)
     print(json.dumps({
