@@ -2,11 +2,12 @@
 
 Data: a synthetic web crawl built with a fixed seed from the bundled sample site's paragraphs. Each
 page draws a language (weighted by how many paragraphs the site has in it), then 6-18 of that
-language's paragraphs (no paragraph twice), wrapped in HTML; a fifth of the pages carry an e-mail address and a phone
-number (work for `pii`), and `NEAR_DUPLICATES` (15%) of them are copies of an earlier page with 1%
-of the words (at least one) edited (work for `dedup`). The pages are written by gristmill's crawler writer
-(`WarcRoller`: request + response records, one gzip member per record) into ONE WARC file, the
-1x corpus holding `--pages` pages and the 4x corpus four times as many, drawn the same way.
+language's paragraphs (no paragraph twice), wrapped in HTML; a fifth of the pages carry an e-mail
+address and a phone number (work for `pii`), and `NEAR_DUPLICATES` (15%) of them are copies of an
+earlier page with 1% of the words (at least one) edited (work for `dedup`). The pages are written by
+gristmill's crawler writer (`WarcRoller`: request + response records, one gzip member per record)
+into ONE WARC file, the 1x corpus holding `--pages` pages and the 4x corpus four times as many,
+drawn the same way.
 
 `split_bytes` of the extract stage is set to the 1x WARC's size / `UNITS_AT_1X` (8), for both
 corpora, so the one big file becomes 8 work units at 1x and about 32 at 4x: parallelism follows the
