@@ -14,7 +14,8 @@ corpora, so the one big file becomes 8 work units at 1x and about 32 at 4x: para
 data, and every unit (hence every part and every task downstream) has the same size at 1x and 4x.
 
 Measured, each run on a fresh LocalCluster (1 thread per worker, workers in their own processes),
-after an untimed warm-up run of the same workflow on a small WARC on that cluster (imports, models):
+after an untimed warm-up run of the same workflow on that cluster (imports, models) on a small WARC
+cut into 8 units, so that every worker has run every stage before the timed run:
 
 - Scaling: docs/s of the workflow extract -> filter -> dedup -> pii (defaults, through
   `run_workflow`; docs = response records in the WARC, wall time of the whole run) on the 4x corpus
@@ -22,7 +23,7 @@ after an untimed warm-up run of the same workflow on a small WARC on that cluste
   The machine may be shared: the load average before and after each run, and CPU/wall (CPU seconds
   of this process and all its descendants, i.e. client, scheduler and workers, over wall seconds;
   2.0 would be two cores busy throughout) are printed, so a reader can judge how much of a shortfall
-  is the machine's. `cpu_efficiency` = CPU seconds(1 worker) / CPU seconds(2 workers) is the part
+  is the machine's; CPU seconds are printed per process too. `cpu_efficiency` = CPU seconds(1 worker) / CPU seconds(2 workers) is the part
   of the shortfall that other jobs cannot cause: the extra work that running on two workers costs.
 - Memory: the peak resident memory (psutil, sampled every 0.2 s by a thread) of the client (this
   process, which also hosts the scheduler) and of each worker, in the 2-worker runs on the 1x and 4x
@@ -134,16 +135,16 @@ def workflow_file(path: Path, warc: Path, split_bytes: int) -> Path:
     return path
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds of this process and all its living descendants (scheduler, nannies, workers)."""
-    total = 0.0
+def tree_cpu_seconds() -> dict[int, float]:
+    """CPU seconds of this process and of each of its living descendants (nannies, workers), by pid."""
+    seconds = {}
     for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
             times = process.cpu_times()
-            total += times.user + times.system
+            seconds[process.pid] = times.user + times.system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return seconds
 
 
 def run(workflow: Path, warm_up: Path, workers: int, folder: Path) -> dict:
@@ -161,16 +162,22 @@ def run(workflow: Path, warm_up: Path, workers: int, folder: Path) -> dict:
         pids = {f"worker-{i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
         load_before = os.getloadavg()[0]
         with PeakRSS({"client": os.getpid(), **pids}) as rss:
-            cpu, started = tree_cpu_seconds(), time.perf_counter()
+            before, started = tree_cpu_seconds(), time.perf_counter()
             run_dir = run_workflow(workflow, runs_dir=folder / f"runs-{workers}", scheduler=address)
-            wall, cpu = time.perf_counter() - started, tree_cpu_seconds() - cpu
+            wall, after = time.perf_counter() - started, tree_cpu_seconds()
         load_after = os.getloadavg()[0]
+    names = {pid: name for name, pid in {"client": os.getpid(), **pids}.items()}
+    cpu_by_process: dict[str, float] = defaultdict(float)
+    for pid, seconds in after.items():
+        cpu_by_process[names.get(pid, "other")] += seconds - before.get(pid, 0.0)
+    cpu = sum(cpu_by_process.values())
     extract = io.read_json(run_dir / "extract" / io.STATS_FILE)
     counts = {stage: io.read_json(run_dir / stage / io.STATS_FILE)["counts"] for stage in STAGES}
     docs = counts["extract"]["kept"] + counts["extract"]["removed"]
     result = {
         "workers": workers, "docs": docs, "units": extract["units"], "wall_s": round(wall, 2),
         "docs_per_s": round(docs / wall, 1), "cpu_s": round(cpu, 2), "cpu_per_wall": round(cpu / wall, 2),
+        "cpu_s_by_process": {name: round(seconds, 2) for name, seconds in cpu_by_process.items()},
         "load_before": round(load_before, 2), "load_after": round(load_after, 2),
         "peak_gb": {name: round(peak / 2**30, 3) for name, peak in rss.peaks.items()},
         "kept": {stage: counts[stage]["kept"] for stage in STAGES},
@@ -184,7 +191,7 @@ def pipeline(pages: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="gristmill-bench-scale-") as tmp:
         folder = Path(tmp)
         warcs = {name: write_crawl(folder / name, n, seed) for name, n, seed in
-                 (("1x", pages, 0), ("4x", 4 * pages, 0), ("warm-up", 40, 1))}
+                 (("1x", pages, 0), ("4x", 4 * pages, 0), ("warm-up", 80, 1))}
         sizes = {name: path.stat().st_size for name, path in warcs.items()}
         split_bytes = sizes["1x"] // UNITS_AT_1X
         started = time.perf_counter()
@@ -193,6 +200,8 @@ def pipeline(pages: int) -> dict:
         print(f"one WARC each: {sizes} bytes; split_bytes {split_bytes}; indexing the 4x WARC (one task, "
               f"before any extract task starts): {index_s:.2f} s, {len(spans)} spans", file=sys.stderr)
         workflows = {name: workflow_file(folder / f"{name}.yaml", path, split_bytes) for name, path in warcs.items()}
+        # The warm-up file is cut into as many units as the 1x file, so that every worker gets work in every stage.
+        workflows["warm-up"] = workflow_file(folder / "warm-up.yaml", warcs["warm-up"], sizes["warm-up"] // UNITS_AT_1X)
         one = run(workflows["4x"], workflows["warm-up"], 1, folder / "4x-1")
         two = run(workflows["4x"], workflows["warm-up"], 2, folder / "4x-2")
         small = run(workflows["1x"], workflows["warm-up"], 2, folder / "1x-2")
