@@ -16,7 +16,7 @@ from rich.text import Text
 from gristmill.model import cli as model_cli
 from gristmill.model.finetune.cli import finetune_command
 from gristmill.model.train import train_command
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.crawl import cli as crawl_cli
 from gristmill.pipeline.lock import RunLocked, current_holder
 from gristmill.pipeline.status import run_status
@@ -45,7 +45,7 @@ def run(
     scheduler: str | None = typer.Option(
         None, help="tcp://host:port of a running Dask scheduler, or 'synchronous' (default: a LocalCluster)"
     ),
-    runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders"),
+    runs_dir: str = typer.Option("runs", help="Folder that holds run folders: a path or a URL (s3://bucket/runs)"),
     force: bool = typer.Option(False, help="Run every stage again, even those already done"),
     only: str | None = typer.Option(None, help="Run only this stage (its inputs must be done)"),
     from_: str | None = typer.Option(None, "--from", help="Run this stage and everything downstream again"),
@@ -73,18 +73,18 @@ def run(
 
 @app.command()
 def status(
-    target: Path = typer.Argument(..., help="A run folder (runs/NAME) or the workflow file that made it"),
-    runs_dir: Path = typer.Option(Path("runs"), help="Where run folders live, when TARGET is a workflow"),
+    target: str = typer.Argument(..., help="A run folder (runs/NAME, s3://bucket/runs/NAME) or the workflow file that made it"),
+    runs_dir: str = typer.Option("runs", help="Where run folders live, when TARGET is a workflow"),
 ) -> None:
     """Print the DAG of a run with each stage's state, counts and wall time."""
     workflow = None
-    run_dir = target
-    if target.is_file():
+    run_dir = storage.location(target)
+    if not storage.is_remote(run_dir) and run_dir.is_file():
         try:
-            workflow = load_workflow(target)
+            workflow = load_workflow(run_dir)
         except WorkflowError as error:
             raise fail("workflow error", error, 2) from None
-        run_dir = runs_dir / workflow.name
+        run_dir = storage.location(runs_dir) / workflow.name
     try:
         statuses = run_status(run_dir)
     except FileNotFoundError as error:
@@ -128,17 +128,19 @@ def status(
 
 @app.command()
 def dashboard(
-    run_dir: Path | None = typer.Argument(None, help="Run folder (default: $GRISTMILL_RUN, else the runs/ folder)"),
+    run_dir: str | None = typer.Argument(
+        None, help="Run folder, a path or URL (default: $GRISTMILL_RUN, else the runs/ folder)"
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 keeps it on this machine"),
     port: int = typer.Option(8501, help="Port to serve on"),
 ) -> None:
     """Open the Streamlit dashboard over a run folder (or every run under runs/)."""
-    target = run_dir or Path(os.environ.get("GRISTMILL_RUN", "runs"))
+    target = storage.location(run_dir or os.environ.get("GRISTMILL_RUN", "runs"))
     app_path = Path(__file__).parent / "dashboards" / "app.py"
     command = [
         sys.executable, "-m", "streamlit", "run", str(app_path),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--", "--run", str(target.resolve()),
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--", "--run", str(target if storage.is_remote(target) else target.resolve()),
     ]
     raise typer.Exit(subprocess.call(command))
 

@@ -12,9 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks import dedup, filters, tokenizer_pack
+from benchmarks import dedup, filters, scale, tokenizer_pack
 from benchmarks.measure import interleaved
+from gristmill.pipeline import io
 from gristmill.pipeline.dedup import minhash as mh
+from gristmill.pipeline.runner import run_workflow
 from gristmill.tokenize.corpus import Sample
 from gristmill.tokenize.pack import pack, serial_map
 from gristmill.tokenize.recipes import TokenizerSpec
@@ -77,3 +79,15 @@ def test_filters_benchmark_gives_both_tools_the_same_documents_and_compares_kept
     removed_by_both = [i for i in ours if ours[i][0] is not None and theirs[i][0] is not None]
     assert kept_by_both and removed_by_both
     assert all(ours[i][1] == theirs[i][1] for i in kept_by_both)  # C4 rewrites the same lines
+
+
+def test_scale_benchmark_crawl_is_one_warc_that_extract_splits_into_units_reading_every_page(tmp_path: Path):
+    warc = scale.write_crawl(tmp_path / "crawl", pages=80)
+    assert [p.name for p in (tmp_path / "crawl").iterdir()] == [warc.name]  # one file
+    workflow = scale.workflow_file(tmp_path / "scale.yaml", warc, warc.stat().st_size // scale.UNITS_AT_1X)
+    run_dir = run_workflow(workflow, runs_dir=tmp_path / "runs", scheduler="synchronous", until="extract")
+    stats = io.read_json(run_dir / "extract" / io.STATS_FILE)
+    assert stats["units"] == scale.UNITS_AT_1X
+    assert (stats["counts"]["kept"], stats["counts"]["removed"], stats["counts"]["parts"]) == (80, 0, scale.UNITS_AT_1X)
+    texts = pa.concat_tables(pq.read_table(p, columns=["text"]) for p in sorted((run_dir / "extract" / "kept").glob("*.parquet")))
+    assert len(set(texts["text"].to_pylist())) == 80  # recombined pages, near-duplicates edited: no two alike

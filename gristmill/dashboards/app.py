@@ -30,6 +30,7 @@ from gristmill.dashboards import (
     training_page,
 )
 from gristmill.dashboards.run_data import Run, discover_runs, load_run
+from gristmill.pipeline import storage
 
 PAGES = {
     "overview": ("Run overview", overview.render),
@@ -52,7 +53,7 @@ def run_target(argv: list[str], environ: dict[str, str]) -> Path | None:
     parser.add_argument("--run")
     args, _ = parser.parse_known_args(argv)
     value = args.run or environ.get("GRISTMILL_RUN")
-    return Path(value).expanduser() if value else None
+    return storage.location(value) if value else None
 
 
 def _from_query(key: str, options: list[str]) -> None:

@@ -20,10 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import streamlit as st
 
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.status import StageStatus, run_status, stage_state
 
 Signature = tuple[tuple[str, int, int], ...]
@@ -32,7 +31,7 @@ Signature = tuple[tuple[str, int, int], ...]
 def discover_runs(path: str | os.PathLike) -> list[Path]:
     """The run folders at `path`: the folder itself when it holds `workflow.yaml`, else its
     sub-folders that do (sorted by name)."""
-    path = Path(path)
+    path = storage.location(path)
     if (path / "workflow.yaml").is_file():
         return [path]
     if not path.is_dir():
@@ -41,14 +40,15 @@ def discover_runs(path: str | os.PathLike) -> list[Path]:
 
 
 def signature(paths: list[Path]) -> Signature:
-    """(path, mtime_ns, size) of each existing file: the cache key of everything read from them."""
+    """(path, change tag, size) of each existing file: the cache key of everything read from them
+    (the tag is the mtime locally, the ETag's hash on object storage)."""
     out = []
     for p in paths:
         try:
-            st_ = p.stat()
+            tag, size = storage.stamp(storage.location(p))
         except FileNotFoundError:
             continue
-        out.append((str(p), st_.st_mtime_ns, st_.st_size))
+        out.append((str(p), tag, size))
     return tuple(out)
 
 
@@ -60,7 +60,7 @@ class UnreadableFile(ValueError):
 def _read_json(sig: Signature) -> Any:
     (path, _, _), = sig
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(storage.location(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UnreadableFile(f"{path}: not valid JSON ({error})") from None
 
@@ -75,7 +75,7 @@ def read_json(path: Path) -> Any | None:
 def _read_jsonl(sig: Signature) -> list[dict]:
     (path, _, _), = sig
     records = []
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in storage.location(path).read_text(errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -145,19 +145,19 @@ def refresh_state(stage: StageView) -> StageView:
 
 def columns_of(parts: list[Path]) -> list[str]:
     """Column names of the first part (all parts of a stage share a schema)."""
-    return pq.ParquetFile(parts[0]).schema_arrow.names if parts else []
+    return storage.parquet_file(parts[0]).schema_arrow.names if parts else []
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _read_columns(sig: Signature, columns: tuple[str, ...], max_rows: int) -> pa.Table:
-    paths = [Path(p) for p, _, _ in sig]
+    paths = [storage.location(p) for p, _, _ in sig]
     rng = random.Random(0)
     order = list(range(len(paths)))
     rng.shuffle(order)  # a fixed random subset of parts when the cap is reached
     pieces, rows = [], 0
     for i in order:
-        available = set(pq.ParquetFile(paths[i]).schema_arrow.names)
-        table = pq.read_table(paths[i], columns=[c for c in columns if c in available])
+        available = set(storage.parquet_file(paths[i]).schema_arrow.names)
+        table = storage.read_parquet(paths[i], columns=[c for c in columns if c in available])
         for c in columns:
             if c not in available:
                 table = table.append_column(c, pa.nulls(table.num_rows))
@@ -179,16 +179,16 @@ def read_columns(parts: list[Path], columns: list[str], max_rows: int = 500_000)
 @st.cache_data(show_spinner=False, max_entries=128)
 def _sample_rows(sig: Signature, columns: tuple[str, ...], k: int, seed: int,
                  where: tuple[str, str] | None, nonempty: str | None) -> pa.Table:
-    paths = [Path(p) for p, _, _ in sig]
+    paths = [storage.location(p) for p, _, _ in sig]
     test = where[0] if where else nonempty
     positions = []
     for i, p in enumerate(paths):
         if test is None:
-            positions += [(i, r) for r in range(pq.ParquetFile(p).metadata.num_rows)]
+            positions += [(i, r) for r in range(storage.parquet_file(p).metadata.num_rows)]
             continue
-        if test not in pq.ParquetFile(p).schema_arrow.names:
+        if test not in storage.parquet_file(p).schema_arrow.names:
             continue
-        values = pq.read_table(p, columns=[test]).column(test).to_pylist()
+        values = storage.read_parquet(p, columns=[test]).column(test).to_pylist()
         if where:
             positions += [(i, r) for r, v in enumerate(values) if str(v) == where[1]]
         else:
@@ -202,7 +202,7 @@ def _sample_rows(sig: Signature, columns: tuple[str, ...], k: int, seed: int,
 
 def _take(path: Path, rows: list[int], columns: tuple[str, ...]) -> pa.Table:
     """`rows` of one part, reading only the row groups that hold them and only `columns`."""
-    file = pq.ParquetFile(path)
+    file = storage.parquet_file(path)
     available = set(file.schema_arrow.names)
     wanted = [c for c in columns if c in available]
     sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
@@ -232,12 +232,12 @@ def _find_rows(sig: Signature, key: str, values: tuple[str, ...], columns: tuple
     wanted = set(values)
     pieces = []
     for p, _, _ in sig:
-        if key not in pq.ParquetFile(p).schema_arrow.names:
+        if key not in storage.parquet_file(p).schema_arrow.names:
             continue
-        keys = pq.read_table(p, columns=[key]).column(key).to_pylist()
+        keys = storage.read_parquet(p, columns=[key]).column(key).to_pylist()
         rows = [r for r, v in enumerate(keys) if v in wanted]
         if rows:
-            pieces.append(_take(Path(p), rows, columns))
+            pieces.append(_take(storage.location(p), rows, columns))
     if not pieces:
         return pa.table({c: pa.array([], pa.null()) for c in columns})
     return pa.concat_tables(pieces, promote_options="permissive")
@@ -252,7 +252,7 @@ def text_bytes(parts: list[Path]) -> int:
     """Uncompressed size of the `text` column, read from the Parquet footers only."""
     total = 0
     for p in parts:
-        meta = pq.ParquetFile(p).metadata
+        meta = storage.parquet_file(p).metadata
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             for c in range(group.num_columns):

@@ -103,6 +103,8 @@ def show_training(stage: StageView, settings: dict) -> None:
     else:
         right.info("No MFU logged (the device's peak FLOPs are unknown, e.g. on CPU).")
 
+    show_layout(last)
+
     st.subheader("Samples at checkpoints")
     samples = read_jsonl(stage.dir / SAMPLES_FILE)
     if not samples:
@@ -111,3 +113,20 @@ def show_training(stage: StageView, settings: dict) -> None:
         with st.expander(f"step {sample.get('step', '?')}", expanded=sample is samples[-1]):
             st.caption(f"prompt: {sample.get('prompt', '')!r}")
             st.text(sample.get("text", ""))
+
+
+def show_layout(last: dict) -> None:
+    """How the processes split the model (the mesh shape) and what each one holds in memory."""
+    layout, per_rank = last.get("layout"), last.get("memory_mb_per_rank")
+    if not layout and not per_rank:
+        return
+    st.subheader("Layout and memory per process")
+    if layout:
+        shape = " x ".join(f"{layout.get(d, 1)} {d}" for d in ("pipeline", "data", "tensor"))
+        st.caption(f"mesh {shape}, shard: {layout.get('shard', 'none')}")
+    if per_rank:
+        memory = pd.DataFrame({"rank": range(len(per_rank)), "MiB": per_rank})
+        fig = go.Figure(go.Bar(x=memory["rank"], y=memory["MiB"]))
+        fig.update_layout(xaxis_title="rank", yaxis_title="peak CUDA / resident MiB", height=250,
+                          margin=dict(t=10, b=10))
+        st.plotly_chart(fig, width="stretch")

@@ -23,6 +23,20 @@ OBJECTIVES = {
 DEFAULT_OBJECTIVE = {architecture: objectives[0] for architecture, objectives in OBJECTIVES.items()}
 
 
+class ParallelConfig(BaseModel):
+    """How the processes started by torchrun split the work (see docs/parallelism.md). The product
+    data x tensor x pipeline is the number of processes; `data` left out takes what remains."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: int | None = Field(None, ge=1)  # model replicas, each reading its own slice of the batch
+    shard: Literal["none", "optimizer", "full"] = "none"  # ZeRO-1 optimizer state, or FSDP2 everything
+    tensor: int = Field(1, ge=1)  # processes splitting every matmul (DTensor, column/row-wise)
+    pipeline: int = Field(1, ge=1)  # processes each holding a run of layers (torch.distributed.pipelining)
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"  # pipeline schedule
+    microbatches: int = Field(2, ge=1)  # pipeline micro-batches per batch_size sequences
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,7 +61,7 @@ class TrainConfig(BaseModel):
 
     # optimisation
     max_steps: int = Field(300, ge=1)
-    batch_size: int = Field(8, ge=1)  # sequences per micro-batch per process
+    batch_size: int = Field(8, ge=1)  # sequences per micro-batch per data-parallel replica
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimiser step
     learning_rate: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -72,6 +86,7 @@ class TrainConfig(BaseModel):
     sample_prompt: str = "The"
     sample_tokens: int = Field(48, ge=1)
     progress: bool = True
+    parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")
     def _check_shapes(self) -> TrainConfig:

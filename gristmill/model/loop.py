@@ -1,15 +1,19 @@
 """The pretraining loop, top to bottom: set-up, data, model, optimiser, loop, eval, checkpoints.
 
-One process by default; under `torchrun` (RANK / WORLD_SIZE in the environment) it trains with DDP
-(nccl on CUDA, gloo on CPU), every process reading its own disjoint slice of each global batch:
+One process by default; under `torchrun` (RANK / WORLD_SIZE in the environment) it trains with the
+`parallel` layout (data parallelism by default; sharding, tensor and pipeline parallelism in
+`gristmill/model/parallel/`), nccl on CUDA, gloo on CPU, every data-parallel replica reading its own
+disjoint slice of each global batch:
 
     torchrun --nproc_per_node 2 -m gristmill.model.train SHARDS_DIR --out DIR [options]   (see train.py)
 
-The output folder holds `checkpoint.pt` (model, optimizer, step, RNG states, data position, config,
-tokenizer; written atomically, loaded with `torch.load(weights_only=True)`), `metrics.jsonl` (one
-JSON object per logged step) and `samples.jsonl` (text from a fixed prompt at each checkpoint).
-Resuming continues with exactly the losses an uninterrupted run would have had (same device and
-process count): the learning rate and the batches are pure functions of the step.
+The output folder holds `checkpoint/` (a DCP checkpoint: model, optimizer and step, which any layout
+can resume), `checkpoint.pt` (its export: the whole model, RNG states, data position, config,
+tokenizer; written atomically, loaded with `torch.load(weights_only=True)`; what sampling and the
+export read), `metrics.jsonl` (one JSON object per logged step) and `samples.jsonl` (text from a
+fixed prompt at each checkpoint). Resuming continues with exactly the losses an uninterrupted run
+would have had (same device and layout; another layout agrees to rounding): the learning rate and
+the batches are pure functions of the step.
 """
 
 from __future__ import annotations
@@ -30,17 +34,21 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tokenizers import Tokenizer
-from torch.nn.parallel import DistributedDataParallel
 
+from gristmill.model import parallel
 from gristmill.model.config import TrainConfig
 from gristmill.model.data import ShardsInfo, TrainLoader, read_shards_info, val_batches
 from gristmill.model.model import Transformer
 from gristmill.model.objectives import make_objective
+from gristmill.model.parallel import checkpoint as dcp_checkpoint
+from gristmill.model.parallel.grads import local_finite
+from gristmill.model.parallel.mesh import build_mesh, plan_layout
 from gristmill.model.sample import CHECKPOINT_FILE, load_checkpoint, sample_text
 from gristmill.pipeline.io import remove_temporaries, write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+DCP_FOLDER = "checkpoint"
 
 # Dense bf16 peak FLOP/s per device, for MFU; other devices need `peak_flops` in the config.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
@@ -123,6 +131,9 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
     `out_dir/checkpoint.pt`. Returns a summary: steps, tokens, final loss, val loss, tokens/s, MFU."""
     # ---- processes and device
     ddp, rank, local_rank, world_size, device = start_processes(config.device)
+    layout = plan_layout(config, world_size)
+    mesh = build_mesh(layout, device.type) if ddp else None
+    data_rank = mesh["data"].get_local_rank() if mesh is not None else 0
     master = rank == 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,22 +148,25 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
         config, info.vocab_size, info.eos_id, info.mask_id, info.sentinel_ids, info.folder / "meta.json"
     )
     loader = TrainLoader(
-        info.train, config.seq_len, config.batch_size, config.grad_accum, config.seed, rank, world_size, objective
+        info.train, config.seq_len, config.batch_size, config.grad_accum, config.seed, data_rank, layout.data,
+        objective,
     )
     val = (
-        val_batches(info.val, config.seq_len, config.batch_size, config.eval_batches, rank, world_size, objective)
+        val_batches(info.val, config.seq_len, config.batch_size, config.eval_batches, data_rank, layout.data,
+                    objective)
         if info.val
         else []
     )
-    tokens_per_step = config.batch_size * config.grad_accum * world_size * config.seq_len
+    tokens_per_step = config.batch_size * config.grad_accum * layout.data * config.seq_len
 
-    # ---- model and optimiser (same init on every process; DDP also broadcasts rank 0's weights)
+    # ---- model and optimiser (same init on every process, then split by the layout)
     torch.manual_seed(config.seed)
     model_config = config.transformer_config(info.vocab_size, objective.decoder_start_id)
     model = Transformer(model_config).to(device)
-    optimizer = model.configure_optimizers(
-        config.weight_decay, config.learning_rate, (config.beta1, config.beta2), device.type
-    )
+    flops_per_token, num_params = model.flops_per_token(), model.num_params()
+    run = parallel.Parallel(model, config, layout, mesh, device)
+    del model  # a pipeline stage keeps only its own layers
+    optimizer = run.optimizer
     torch.manual_seed(config.seed + rank)  # dropout differs per process
     checkpoint_file = out_dir / CHECKPOINT_FILE
     step = 0
@@ -162,11 +176,9 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
             raise ValueError(
                 f"{checkpoint_file}: model {checkpoint['model_config']} does not match the settings {asdict(model_config)}"
             )
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
+        step = dcp_checkpoint.load(out_dir / DCP_FOLDER, run.state_module, run.state_optimizer)
         rng = checkpoint["rng"]
-        if len(rng["torch"]) == world_size:
+        if len(rng["torch"]) == world_size and checkpoint["step"] == step:
             torch.set_rng_state(rng["torch"][rank].cpu())
             if device.type == "cuda" and rng["cuda"]:
                 torch.cuda.set_rng_state(rng["cuda"][rank].cpu(), device)
@@ -174,17 +186,11 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
         remove_temporaries(out_dir)  # e.g. a checkpoint half-written when a previous run was killed
         keep_records(out_dir / METRICS_FILE, step)
         keep_records(out_dir / SAMPLES_FILE, step)
-    raw_model = model
-    if config.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # ---- the loop
     last_step = min(config.max_steps, config.stop_at or config.max_steps)
-    flops_per_token = raw_model.flops_per_token()
     peak_flops = peak_flops_per_device(config, device)
-    summary: dict[str, Any] = {"params": raw_model.num_params(), "flops_per_token": flops_per_token}
+    summary: dict[str, Any] = {"params": num_params, "flops_per_token": flops_per_token, "layout": layout.describe()}
     interval_time, interval_steps, run_time, run_steps = 0.0, 0, 0.0, 0
     progress = make_progress(master and config.progress)
     task = progress.add_task("train", total=config.max_steps, completed=step, loss="")
@@ -200,14 +206,8 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
             loss_sum = torch.zeros((), device=device)
             for micro_step in range(config.grad_accum):
                 inputs = loader.batch(step, micro_step).inputs(device)
-                if ddp:
-                    model.require_backward_grad_sync = micro_step == config.grad_accum - 1
-                with autocast:
-                    _, loss = model(**inputs)
-                    loss = loss / config.grad_accum
-                loss_sum += loss.detach()
-                loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
+                loss_sum += run.forward_backward(inputs, micro_step == config.grad_accum - 1, autocast)
+            grad_norm = run.clip_grad_norm(config.grad_clip)
             # before the update: a NaN gradient never reaches the weights
             stop_if_not_finite(step, {"loss": loss_sum, "gradient norm": grad_norm}, ddp, last_finite,
                                checkpoint_file, saved_step)
@@ -222,11 +222,11 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
             is_last = step == last_step
             evaluate = bool(info.val) and (step % config.eval_every == 0 or is_last)
-            val_loss, val_accuracy = validation_metrics(model, val, device, autocast, ddp) if evaluate else (None, None)
+            val_loss, val_accuracy = validation_metrics(run, val, device, autocast, ddp) if evaluate else (None, None)
             if step % config.log_every == 0 or is_last or evaluate or step == 1:
-                if ddp:
+                if ddp:  # pipeline stages before the last contribute zeros
                     dist.all_reduce(loss_sum)
-                    loss_sum /= world_size
+                    loss_sum /= world_size // layout.pipeline
                 tokens_per_sec = tokens_per_step * interval_steps / interval_time
                 mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
                 record = {
@@ -240,6 +240,8 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                     "tokens_per_sec": tokens_per_sec,
                     "mfu": mfu,
                     "memory_mb": memory_mb(device),
+                    "memory_mb_per_rank": memory_per_rank(device, ddp, world_size),
+                    "layout": layout.describe(),
                 }
                 interval_time, interval_steps = 0.0, 0
                 summary.update(final_loss=record["loss"], mfu=mfu)
@@ -249,14 +251,16 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                     append_record(out_dir / METRICS_FILE, record)
                 progress.update(task, loss=f"loss {record['loss']:.3f}")
             if step % config.checkpoint_every == 0 or is_last:
-                weights = {"weights": torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()])}
+                weights = {"weights": local_finite(run.state_module.parameters())}
                 stop_if_not_finite(step, weights, ddp, last_finite, checkpoint_file, saved_step)
                 saved_step = step
                 rng_states = gather_rng_states(device, ddp, world_size)
+                staged = dcp_checkpoint.save(out_dir / DCP_FOLDER, run.state_module, run.state_optimizer, step)
                 if master:  # sample, then checkpoint: a kill between them redoes both on resume
+                    whole = dcp_checkpoint.export_model(staged, model_config).to(device)
                     if info.tokenizer is not None and info.tokenizer.is_file():
                         text = sample_text(
-                            raw_model,
+                            whole,
                             Tokenizer.from_file(str(info.tokenizer)),
                             config.sample_prompt,
                             config.sample_tokens,
@@ -264,7 +268,10 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
                             seed=config.seed,
                         )
                         append_record(out_dir / SAMPLES_FILE, {"step": step, "prompt": config.sample_prompt, "text": text})
-                    save_checkpoint(checkpoint_file, raw_model, optimizer, step, rng_states, config, info)
+                    dcp_checkpoint.publish(out_dir / DCP_FOLDER)
+                    save_checkpoint(checkpoint_file, whole, step, rng_states, config, info)
+                if ddp:
+                    dist.barrier()
             progress.update(task, completed=step)
     if ddp:
         dist.barrier()
@@ -279,16 +286,18 @@ def train(config: TrainConfig, shards_dir: str | Path, out_dir: str | Path, resu
 
 
 @torch.no_grad()
-def validation_metrics(model, batches, device: torch.device, autocast, ddp: bool) -> tuple[float, float]:
+def validation_metrics(run: parallel.Parallel, batches, device: torch.device, autocast, ddp: bool) -> tuple[float, float]:
     """The objective's loss on its targets and the share of targets predicted exactly (top-1;
     for MLM the masked-token accuracy), over this process's val batches and then all processes,
-    token-weighted."""
-    model.eval()
+    token-weighted (tensor-parallel copies count alike, pipeline stages without the head nothing)."""
+    run.train(False)
     totals = torch.zeros(3, device=device, dtype=torch.float64)
     for batch in batches:
         inputs = batch.inputs(device)
-        with autocast:
-            logits, loss = model(**inputs)
+        result = run.evaluate(inputs, autocast)
+        if result is None:
+            continue
+        logits, loss = result
         scored = inputs["targets"] != -1
         if logits.dim() == 3:  # decoders return every position; the encoder only its scored ones
             logits = logits[scored]
@@ -297,8 +306,18 @@ def validation_metrics(model, batches, device: torch.device, autocast, ddp: bool
         totals += torch.stack([loss.double() * count, correct.double(), count.double()])
     if ddp:
         dist.all_reduce(totals)
-    model.train()
+    run.train(True)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+
+
+def memory_per_rank(device: torch.device, ddp: bool, world_size: int) -> list[float]:
+    """`memory_mb` of every process, indexed by rank."""
+    if not ddp:
+        return [memory_mb(device)]
+    values = torch.zeros(world_size, dtype=torch.float64, device=device)
+    values[dist.get_rank()] = memory_mb(device)
+    dist.all_reduce(values)
+    return values.tolist()
 
 
 def gather_rng_states(device: torch.device, ddp: bool, world_size: int) -> dict[str, list[torch.Tensor]]:
@@ -314,12 +333,13 @@ def gather_rng_states(device: torch.device, ddp: bool, world_size: int) -> dict[
     }
 
 
-def save_checkpoint(path: Path, model: Transformer, optimizer, step: int, rng_states, config: TrainConfig, info: ShardsInfo):
-    """Write everything a resume needs, as tensors and plain containers only (weights_only load)."""
+def save_checkpoint(path: Path, model: Transformer, step: int, rng_states, config: TrainConfig, info: ShardsInfo):
+    """Write the single-file export beside the DCP checkpoint: the whole model, what a same-layout
+    resume restores exactly (RNG states, data position), and what sampling needs (config,
+    tokenizer); tensors and plain containers only (weights_only load)."""
     tokenizer_json = info.tokenizer.read_text() if info.tokenizer is not None and info.tokenizer.is_file() else None
     state = {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "step": step,
         "data": {"seed": config.seed, "next_step": step + 1},
         "rng": rng_states,

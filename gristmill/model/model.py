@@ -267,15 +267,23 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`mask` is boolean (True: may attend) or additive float, broadcast to (B, H, T, S);
         `is_causal` asks SDPA for its causal kernel when there is no mask."""
-        B, T, C = x.shape
-        H, D = self.config.n_head, self.config.head_size
+        B, T, _ = x.shape
+        D = self.config.head_size
+        # the width and head count come from the projection: under tensor parallelism each
+        # process computes only its own heads
         if self.cross:
-            q = self.q(x).view(B, T, H, D).transpose(1, 2)
+            q = self.q(x)
+            C = q.size(-1)
+            H = C // D
+            q = q.view(B, T, H, D).transpose(1, 2)
             k, v = self.kv(memory).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)
         else:
+            qkv = self.qkv(x)
+            C = qkv.size(-1) // 3
+            H = C // D
             # split, not slicing a permuted view: its backward is one cat instead of zero-filled
             # buffers, copies and an add, and the gradient reaches the projection contiguous
-            qk, v = self.qkv(x).split((2 * C, C), dim=-1)
+            qk, v = qkv.split((2 * C, C), dim=-1)
             qk = qk.view(B, T, 2, H, D)
             if rotary is not None:
                 cos, sin = rotary

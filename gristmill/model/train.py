@@ -22,13 +22,20 @@ from gristmill.model.config import load_config
 
 
 def parse_settings(pairs: list[str]) -> dict[str, object]:
-    """`key=value` pairs, values read as YAML scalars (`true`, `3`, `0.1`, `null`)."""
+    """`key=value` pairs, values read as YAML scalars (`true`, `3`, `0.1`, `null`); a dotted key
+    (`parallel.tensor=2`) sets one field of a nested setting."""
     settings: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
-        settings[key.strip()] = yaml.safe_load(value)
+        *parents, name = key.strip().split(".")
+        target = settings
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise typer.BadParameter(f"--set {pair!r}: {parent!r} is not a mapping")
+        target[name] = yaml.safe_load(value)
     return settings
 
 
@@ -49,7 +56,7 @@ def train_command(
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
     settings: list[str] = typer.Option([], "--set", help="any other setting, key=value (repeatable)"),
 ) -> None:
-    """Train a GPT on packed token shards (DDP when started by torchrun)."""
+    """Train a GPT on packed token shards (split by the `parallel` settings when started by torchrun)."""
     from gristmill.model.loop import NonFiniteLoss, train  # torch loads only when training starts
 
     options = {

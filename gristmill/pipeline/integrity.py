@@ -13,9 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 
 _TAIL = 8  # a Parquet file ends with the 4-byte footer length and the magic `PAR1`
 
@@ -23,7 +21,7 @@ _TAIL = 8  # a Parquet file ends with the 4-byte footer length and the magic `PA
 def footer_hash(path: str | os.PathLike) -> str:
     """sha256 (16 hex digits) of the Parquet footer with its trailer; of the whole file when it is
     too short or damaged to have one, so the hash of a broken file never matches a good one."""
-    with open(path, "rb") as f:
+    with storage.location(path).open("rb") as f:
         size = f.seek(0, os.SEEK_END)
         length = 0
         if size >= _TAIL:
@@ -38,7 +36,7 @@ def footer_hash(path: str | os.PathLike) -> str:
 
 def part_record(path: str | os.PathLike) -> dict:
     """What to remember of a part just written: its size in bytes and footer hash."""
-    return {"bytes": os.path.getsize(path), "footer": footer_hash(path)}
+    return {"bytes": storage.location(path).stat().st_size, "footer": footer_hash(path)}
 
 
 def output_records(stage_dir: Path) -> dict[str, dict]:
@@ -49,7 +47,7 @@ def output_records(stage_dir: Path) -> dict[str, dict]:
 
 def part_problem(path: Path, record: dict) -> str | None:
     """Why the part at `path` is no longer the one recorded, or None when it still matches."""
-    if not path.is_file():
+    if not storage.is_published(path):
         return f"{path}: missing"
     size = path.stat().st_size
     if size != record["bytes"]:
@@ -61,7 +59,7 @@ def part_problem(path: Path, record: dict) -> str | None:
 
 def _rows_note(path: Path) -> str:
     try:
-        return f"{pq.read_metadata(path).num_rows:,} rows now"
+        return f"{storage.parquet_file(path).metadata.num_rows:,} rows now"
     except Exception as error:  # whatever pyarrow says of a broken file is the message
         return f"not readable Parquet: {type(error).__name__}: {error}"
 

@@ -1,7 +1,9 @@
 """Run-folder paths and atomic writes: the on-disk contract between stages (DESIGN.md).
 
 Every file a stage leaves behind is written under a temporary name and renamed into place, so a
-killed run never leaves a half-written part that looks whole.
+killed run never leaves a half-written part that looks whole. A run folder on object storage has
+no rename: there a file is published by a marker written after its upload (storage.py), and the
+readers here list and trust only published files.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from gristmill.pipeline import storage
 
 KEPT = "kept"
 REMOVED = "removed"
@@ -75,7 +79,7 @@ def write_parts(table: pa.Table, folder: str | os.PathLike, index: int, max_rows
     slices = split_table(table, max_rows, max_bytes)
     names = [part_name(index)] if len(slices) == 1 else [part_name(index, i) for i in range(len(slices))]
     for name, piece in zip(names, slices):
-        write_parquet_atomic(piece, Path(folder) / name)
+        write_parquet_atomic(piece, storage.location(folder) / name)
     return names
 
 
@@ -84,8 +88,11 @@ def _temporary_name(path: Path) -> Path:
 
 
 def remove_temporaries(folder: str | os.PathLike) -> int:
-    """Delete the temporary files that killed writers left anywhere under `folder`; call it only
-    while no one else writes there (the run lock). Returns how many were removed."""
+    """Delete the temporary files (remote: the unpublished parts) that killed writers left anywhere
+    under `folder`; call it only while no one else writes there (the run lock). Returns how many."""
+    where = storage.location(folder)
+    if storage.is_remote(where):
+        return storage.remove_unpublished(where)
     removed = 0
     for path in Path(folder).rglob(".*.tmp-*"):
         if path.is_file():
@@ -96,7 +103,11 @@ def remove_temporaries(folder: str | os.PathLike) -> int:
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write `table` as zstd Parquet at `path`, visible only once complete."""
-    path = Path(path)
+    path = storage.location(path)
+    if storage.is_remote(path):
+        with storage.publishing(path) as handle:
+            pq.write_table(table, handle, compression="zstd")
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     pq.write_table(table, tmp, compression="zstd")
@@ -106,17 +117,16 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` as indented JSON at `path`, visible only once complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), path)
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
     """Write raw bytes at `path`, visible only once complete."""
-    path = Path(path)
+    path = storage.location(path)
+    if storage.is_remote(path):
+        with storage.publishing(path) as handle:
+            handle.write(data)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     tmp.write_bytes(data)
@@ -127,6 +137,12 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
 def remove_tree_inside(path: str | os.PathLike, root: str | os.PathLike) -> None:
     """Delete the folder `path`, refusing (ValueError) unless it lies strictly inside `root`: the
     runner only ever deletes inside a run folder, whatever a workflow calls its stages."""
+    target, base = storage.location(path), storage.location(root)
+    if storage.is_remote(target):
+        if not str(target).startswith(str(base).rstrip("/") + "/"):
+            raise ValueError(f"refusing to delete {path}: it is outside the run folder {root}")
+        storage.remove_tree(target)
+        return
     target, base = Path(path).resolve(), Path(root).resolve()
     if base not in target.parents:
         raise ValueError(f"refusing to delete {path}: it resolves to {target}, outside the run folder {base}")
@@ -134,36 +150,51 @@ def remove_tree_inside(path: str | os.PathLike, root: str | os.PathLike) -> None
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
-    """The parsed JSON at `path`, or None when the file does not exist."""
+    """The parsed JSON at `path`, or None when the file does not exist (remote: is not published)."""
+    path = storage.location(path)
+    if storage.is_remote(path) and not storage.is_published(path):
+        return None
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
 
 
+def remove_file(path: str | os.PathLike) -> None:
+    """Delete a file if it exists (remote: its marker first, so it is never trusted half deleted)."""
+    path = storage.location(path)
+    if storage.is_remote(path):
+        for target in (storage.marker(path), path):
+            if target.fs.exists(target.path):
+                target.fs.rm_file(target.path)
+        return
+    path.unlink(missing_ok=True)
+
+
 def list_parts(folder: str | os.PathLike) -> list[Path]:
-    """The complete Parquet parts in `folder`, in name order (temporary files are hidden)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+    """The complete Parquet parts in `folder`, in name order (temporary and unpublished files are
+    hidden)."""
+    return storage.published_files(storage.location(folder), "*.parquet")
 
 
 def kept_parts(stage_dir: str | os.PathLike) -> list[Path]:
-    return list_parts(Path(stage_dir) / KEPT)
+    return list_parts(storage.location(stage_dir) / KEPT)
 
 
 def removed_parts(stage_dir: str | os.PathLike) -> list[Path]:
-    return list_parts(Path(stage_dir) / REMOVED)
+    return list_parts(storage.location(stage_dir) / REMOVED)
 
 
 def count_rows(paths: list[Path]) -> int:
     """Total rows of Parquet files, read from their footers only."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    return sum(storage.parquet_file(p).metadata.num_rows for p in paths)
 
 
 def expand_paths(pattern: str) -> list[Path]:
-    """Files matching a path or glob (`**` allowed), sorted; a folder means every file under it."""
+    """Files matching a path or glob (`**` allowed), sorted; a folder means every file under it.
+    An fsspec URL (`s3://bucket/crawl/*.warc.gz`) is expanded by its back-end."""
+    if storage.is_url(pattern):
+        return storage.expand(pattern)
     matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     files: list[Path] = []
     for match in matches:
@@ -179,6 +210,9 @@ def files_fingerprint(paths: list[Path]) -> str:
     """A cheap fingerprint of input files: path, size and modification time of each."""
     h = hashlib.sha256()
     for p in paths:
+        if storage.is_remote(p):
+            h.update(storage.fingerprint_entry(p).encode())
+            continue
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]

@@ -6,8 +6,14 @@ holding process dies, so a killed run never blocks the next one; the file also n
 
 `force_unlock` is for a lock whose holder is dead but which is still held: a stray process that
 inherited the open file, or a holder on another machine sharing the folder. It refuses while the
-recorded holder is a live process on this machine. Object stores have no file locks; a lease with
-an expiry, written conditionally, can implement the same `acquire`/`release` pair there.
+recorded holder is a live process on this machine.
+
+Object stores have no file locks. There the lock is a lease: `<run folder>/_LEASE.json` names the
+holder and an expiry; a background thread renews it every third of its term while the run lasts.
+A second run refuses while an unexpired lease names someone else; a killed run's lease simply
+expires (after `LEASE_S`), or `--force-unlock` takes it over at once. An object store cannot
+compare-and-swap through fsspec, so after writing its lease a run reads it back and gives up if
+another run's name is there: two runs starting in the same second are caught, not prevented.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +32,11 @@ from pathlib import Path
 
 import psutil
 
+from gristmill.pipeline import io, storage
+
 LOCK_FILE = "_LOCK"
+LEASE_FILE = "_LEASE.json"
+LEASE_S = 120.0
 _ATTEMPTS, _RETRY_S = 10, 0.1
 
 
@@ -119,10 +130,74 @@ class RunLock:
             self._fd = None
 
 
+class LeaseLock:
+    """The lock of a run folder on object storage: a lease object with an expiry, renewed while held."""
+
+    def __init__(self, run_dir: storage.Location, lease_s: float = LEASE_S):
+        self.run_dir = run_dir
+        self.path = run_dir / LEASE_FILE
+        self.lease_s = lease_s
+        self.holder = Holder.this_process()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self, force_unlock: bool = False) -> None:
+        """Take the lease or raise RunLocked naming the holder of an unexpired one."""
+        current = read_lease(self.run_dir)
+        if current is not None and current[0] != self.holder:
+            holder, expires = current
+            if not force_unlock:
+                raise RunLocked(
+                    f"{self.run_dir} is leased by another gristmill run ({holder.describe()}) until "
+                    f"{_iso(expires)}. Wait for it to finish; if that run is dead, its lease expires by "
+                    f"itself, or rerun with --force-unlock."
+                )
+            if holder.is_alive():
+                raise RunLocked(f"{self.run_dir}: will not force the lease of a live run ({holder.describe()})")
+        self._write()
+        time.sleep(_RETRY_S)
+        current = read_lease(self.run_dir)
+        if current is None or current[0] != self.holder:
+            raise RunLocked(f"{self.run_dir}: another run took the lease at the same moment; try again")
+        self._renewer = threading.Thread(target=self._renew, name="gristmill-lease", daemon=True)
+        self._renewer.start()
+
+    def _write(self) -> None:
+        io.write_json_atomic({"holder": asdict(self.holder), "expires": time.time() + self.lease_s}, self.path)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            self._write()
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+            io.remove_file(self.path)
+
+
+def read_lease(run_dir: storage.Location) -> tuple[Holder, float] | None:
+    """(holder, expiry as a Unix time) of an unexpired lease on a remote run folder, else None."""
+    lease = io.read_json(run_dir / LEASE_FILE)
+    if not lease or lease.get("expires", 0) < time.time():
+        return None
+    try:
+        return Holder(**lease["holder"]), float(lease["expires"])
+    except (KeyError, TypeError):
+        return None
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+
+
 @contextmanager
-def run_lock(run_dir: str | os.PathLike, force_unlock: bool = False) -> Iterator[RunLock]:
-    """Hold the lock of `run_dir` for the duration of the block."""
-    lock = RunLock(run_dir)
+def run_lock(run_dir: str | os.PathLike, force_unlock: bool = False) -> Iterator[RunLock | LeaseLock]:
+    """Hold the lock of `run_dir` (a file lock locally, a lease on object storage) for the block."""
+    where = storage.location(run_dir)
+    lock = LeaseLock(where) if storage.is_remote(where) else RunLock(where)
     lock.acquire(force_unlock)
     try:
         yield lock
@@ -132,6 +207,10 @@ def run_lock(run_dir: str | os.PathLike, force_unlock: bool = False) -> Iterator
 
 def current_holder(run_dir: str | os.PathLike) -> Holder | None:
     """The holder of a run folder's lock while it is held, None when the folder is free."""
+    where = storage.location(run_dir)
+    if storage.is_remote(where):
+        lease = read_lease(where)
+        return lease[0] if lease else None
     path = Path(run_dir) / LOCK_FILE
     if not path.exists():
         return None

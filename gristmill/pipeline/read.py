@@ -22,10 +22,9 @@ from typing import BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import ByteSize, Field
 
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, group_by_size, source_stage
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
@@ -77,7 +76,10 @@ def file_format(path: Path, configured: str) -> str:
 
 
 def source_name(path: Path, workflow_dir: Path) -> str:
-    """The file's name relative to the workflow folder (absolute when outside it): part of every id."""
+    """The file's name relative to the workflow folder (absolute when outside it, a URL as it is):
+    part of every id."""
+    if storage.is_remote(path):
+        return str(path)
     try:
         source = os.path.relpath(path, workflow_dir)
     except ValueError:  # another drive on Windows
@@ -101,7 +103,7 @@ def file_spans(path: Path, source: str, kind: str, split_bytes: int) -> list[Spa
 
 def _parquet_spans(path: Path, source: str, split_bytes: int) -> list[Span]:
     """Runs of whole row groups of about `split_bytes` (uncompressed, from the footer)."""
-    metadata = pq.ParquetFile(path).metadata
+    metadata = storage.parquet_file(path).metadata
     groups = list(range(metadata.num_row_groups)) or [0]
     sizes = [metadata.row_group(g).total_byte_size if metadata.num_row_groups else 0 for g in groups]
     runs = group_by_size(groups, lambda g: sizes[g], split_bytes)
@@ -176,9 +178,10 @@ def _lines(handle: BinaryIO, span: Span, max_line_bytes: int):
 
 
 def _read_jsonl(span: Span, config: ReadConfig, out: _Records) -> None:
-    opener = gzip.open if span.path.endswith(".gz") else open
     source = span.source
-    with opener(span.path, "rb") as handle:
+    with storage.open_binary(span.path) as raw_handle, (
+        gzip.open(raw_handle) if span.path.endswith(".gz") else raw_handle
+    ) as handle:
         for offset, raw, length in _lines(handle, span, JSON_BYTES_PER_CHAR * config.max_doc_chars):
             doc_id = io.document_id(source, offset)
             where = f"line at byte {offset}"
@@ -216,7 +219,7 @@ def _read_jsonl(span: Span, config: ReadConfig, out: _Records) -> None:
 
 
 def _read_parquet(span: Span, config: ReadConfig, out: _Records) -> None:
-    parquet = pq.ParquetFile(span.path)
+    parquet = storage.parquet_file(span.path)
     names = parquet.schema_arrow.names
     if config.text_key not in names:
         raise ValueError(f"{span.path}: no column {config.text_key!r} (columns: {', '.join(names)}); set `text_key`")
@@ -246,12 +249,12 @@ def _read_parquet(span: Span, config: ReadConfig, out: _Records) -> None:
 def _read_text(span: Span, config: ReadConfig, out: _Records) -> None:
     doc_id = io.document_id(span.source, 0)
     if span.size > 4 * config.max_doc_chars:  # UTF-8 takes at most 4 bytes a character: no need to read it all
-        with open(span.path, "rb") as handle:
+        with storage.open_binary(span.path) as handle:
             sample = handle.read(4 * SAMPLE_CHARS).decode("utf-8", "replace")[:SAMPLE_CHARS]
         out.remove(_document(doc_id, sample, span.source),
                    f"read:too_long ({span.size:,} bytes > 4 x max_doc_chars {config.max_doc_chars:,})")
         return
-    data = Path(span.path).read_bytes()
+    data = storage.location(span.path).read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

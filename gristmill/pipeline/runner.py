@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gristmill import __version__
-from gristmill.pipeline import integrity, io
+from gristmill.pipeline import integrity, io, storage
 from gristmill.pipeline.lock import run_lock
 from gristmill.pipeline.stage import (
     STAGE_TYPES,
@@ -99,13 +98,13 @@ def process_document_part(
 ) -> dict:
     """Apply a document stage to one input part; skip it when a previous attempt finished it."""
     index, in_path = item
-    stage_path = Path(stage_dir)
+    stage_path = storage.location(stage_dir)
     done = _finished_part(stage_path, index)
     if done is not None:
         return done
     started = time.perf_counter()
     try:
-        table = io.without_pii_originals(pq.read_table(in_path))  # they stay in the pii stage's folder
+        table = io.without_pii_originals(storage.read_parquet(in_path))  # they stay in the pii stage's folder
     except pa.ArrowException as error:
         raise StageError(f"stage {stage_name!r}: cannot read part {in_path}: {error}") from None
     output = fn(table, config)
@@ -120,7 +119,7 @@ def process_document_part(
 def process_source_unit(item: tuple[int, Any], fn: Callable, config: Any, stage_dir: str) -> dict:
     """Turn one source unit (file, group of files) into a part; skip it when already finished."""
     index, unit = item
-    stage_path = Path(stage_dir)
+    stage_path = storage.location(stage_dir)
     done = _finished_part(stage_path, index)
     if done is not None:
         return done
@@ -144,8 +143,9 @@ def dask_client(workflow: Workflow, scheduler: str | None, console: Console) -> 
         return
     from distributed import Client, LocalCluster
 
-    if address:
-        client = Client(address)
+    if address or settings.scheduler_file:
+        client = Client(address) if address else Client(scheduler_file=os.path.expanduser(settings.scheduler_file))
+        address = address or client.scheduler.address
         link = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
         console.print(f"[dim]dask: connected to {address}" + (f", dashboard {link}" if link else "") + "[/dim]")
         try:
@@ -274,9 +274,10 @@ def prepare_stage_dir(stage_dir: Path, run_dir: Path, started: dict, resume: boo
     )
     if stage_dir.exists() and not reuse:
         io.remove_tree_inside(stage_dir, run_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(stage_dir):  # object stores have no folders
+        stage_dir.mkdir(parents=True, exist_ok=True)
     for stale in (io.DONE_FILE, io.FAILED_FILE):
-        (stage_dir / stale).unlink(missing_ok=True)
+        io.remove_file(stage_dir / stale)
     io.write_json_atomic(started, stage_dir / io.STARTED_FILE)
     return reuse
 
@@ -336,6 +337,12 @@ def run_stage(workflow: Workflow, stage: str, run_dir: Path, mapper: Callable, c
     config = workflow.stages[stage]
     spec = STAGE_TYPES[config.type]
     stage_dir = run_dir / stage
+    if storage.is_remote(run_dir) and not spec.object_storage:
+        raise StageError(
+            f"stage {stage!r} ({config.type}) writes its folder on local disk only, and the run folder "
+            f"{run_dir} is on object storage: run this stage with a local --runs-dir (a crawl's WARC files "
+            "can then be an `extract` input from anywhere)"
+        )
     cfg_hash = config_hash(workflow, stage)
     in_fp = input_fingerprint(workflow, stage, run_dir)
     started = {
@@ -430,7 +437,8 @@ def run_workflow(
     console = console or Console(stderr=True)
     if not isinstance(workflow, Workflow):
         workflow = load_workflow(workflow, overrides)
-    run_dir = Path(runs_dir) / workflow.name
+    run_dir = storage.location(runs_dir) / workflow.name
+    storage.check_writable(run_dir)
     order, forced = stages_to_run(workflow, only, from_stage, until)
     if force:
         forced = set(order)

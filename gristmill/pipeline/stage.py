@@ -11,7 +11,8 @@ Three shapes of stage exist, one decorator each:
   unit into documents. A record that cannot be read becomes a `removed` row with its reason.
 - `custom_stage`: anything else (dedup's global shuffle, tokenizer training, packing, training),
   `fn(ctx: StageContext) -> StageResult`. A custom stage that writes `kept/`/`removed/` declares
-  `produces_documents=True` and the runner checks conservation against its input parts.
+  `produces_documents=True` and the runner checks conservation against its input parts; one that
+  works on a run folder in object storage declares `object_storage=True`.
 
 A new stage type is one module: its config model (a `StageConfig` subclass) and its function.
 """
@@ -48,6 +49,10 @@ class StageConfig(BaseModel):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    def has_own_source(self) -> bool:
+        """Whether settings other than `input` name what the stage reads (extract's `commoncrawl`)."""
+        return False
 
     def references(self) -> list[str]:
         """Every stage or path this stage reads: `input`, plus the entries of any other key a stage
@@ -161,6 +166,7 @@ class StageType:
     finalize_stats: StatsFinalizer | None = None
     produces_documents: bool = True
     needs_input: bool = True
+    object_storage: bool = True  # can run with its run folder on object storage (storage.py)
 
     @property
     def kind(self) -> str:
@@ -227,8 +233,10 @@ def custom_stage(
     config_model: type[StageConfig],
     produces_documents: bool = False,
     needs_input: bool = True,
+    object_storage: bool = False,
 ):
-    """Register `fn(ctx) -> StageResult` as the stage type `name`."""
+    """Register `fn(ctx) -> StageResult` as the stage type `name`. `object_storage=True` declares
+    that it reads and writes its folder only through `io`/`storage`, so the folder may be remote."""
 
     def decorate(fn):
         _register(
@@ -238,6 +246,7 @@ def custom_stage(
                 run=fn,
                 produces_documents=produces_documents,
                 needs_input=needs_input,
+                object_storage=object_storage,
             )
         )
         return fn

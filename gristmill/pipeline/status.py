@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from gristmill.pipeline import integrity, io
+from gristmill.pipeline import integrity, io, storage
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _process_alive(pid: int | None) -> bool:
 
 def read_run_workflow(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The workflow a run used (`workflow.yaml` in the run folder), as a plain mapping."""
-    path = Path(run_dir) / "workflow.yaml"
+    path = storage.location(run_dir) / "workflow.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: not a gristmill run folder (no workflow.yaml)")
     return yaml.safe_load(path.read_text()) or {}
@@ -69,7 +69,7 @@ def stage_state(stage_dir: Path) -> tuple[str, dict]:
 
 def run_status(run_dir: str | os.PathLike) -> list[StageStatus]:
     """One StageStatus per stage of the run's workflow, in file order."""
-    run_dir = Path(run_dir)
+    run_dir = storage.location(run_dir)
     workflow = read_run_workflow(run_dir)
     statuses = []
     for name, settings in (workflow.get("stages") or {}).items():

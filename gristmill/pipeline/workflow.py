@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from gristmill import DATA_DIR
+from gristmill.pipeline import storage
 from gristmill.pipeline.io import expand_paths
 from gristmill.pipeline.registry import load_builtin_stages
 from gristmill.pipeline.stage import StageConfig
@@ -43,11 +44,20 @@ class WorkflowError(ValueError):
 
 class DaskSettings(BaseModel):
     """Where stages run. `scheduler`: unset for a LocalCluster sized to the machine,
-    `synchronous` for in-process execution (debugging, small tests), or `tcp://host:port`."""
+    `synchronous` for in-process execution (debugging, small tests), or `tcp://host:port`.
+    `scheduler_file`: the JSON file `dask scheduler --scheduler-file` writes (a cluster of several
+    machines, dask-jobqueue, HPC launchers); it is read when the run starts."""
 
     model_config = ConfigDict(extra="forbid")
 
     scheduler: str | None = None
+    scheduler_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_connect(self) -> DaskSettings:
+        if self.scheduler and self.scheduler_file:
+            raise ValueError("set either `scheduler` or `scheduler_file`, not both")
+        return self
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str = "auto"
@@ -261,7 +271,7 @@ def parse_workflow(raw: dict[str, Any], path: Path) -> Workflow:
         config, problem = _with_part_limits(config, spec.kind == "custom" and not spec.produces_documents, parts)
         if problem:
             errors.append(f"{path}: stage {name!r}, {problem}")
-        if spec.needs_input and not config.input:
+        if spec.needs_input and not config.input and not config.has_own_source():
             errors.append(f"{path}: stage {name!r}, key 'input': stage type {stage_type!r} needs an input")
         for entry in config.references():
             if entry == name:
@@ -298,8 +308,10 @@ def _with_part_limits(config: StageConfig, writes_no_parts: bool, parts: PartLim
     return config.model_copy(update=limits), ""
 
 
-def resolve_input_path(entry: str, workflow_dir: Path) -> Path:
-    """A path input relative to the workflow file's folder (absolute paths stay as they are)."""
+def resolve_input_path(entry: str, workflow_dir: Path) -> storage.Location:
+    """A path input relative to the workflow file's folder (absolute paths and URLs stay as they are)."""
+    if storage.is_url(entry):
+        return storage.location(entry)
     p = Path(os.path.expanduser(entry))
     return p if p.is_absolute() else workflow_dir / p
 

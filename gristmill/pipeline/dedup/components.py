@@ -19,16 +19,14 @@ client only adds up counts. Files under `folder`:
 from __future__ import annotations
 
 import functools
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.dedup.minhash import fmix64
 
 Mapper = Callable[[Callable, list, str], list]
@@ -67,7 +65,7 @@ def read_columns(files: list[Path], columns: list[str]) -> list[np.ndarray]:
     """`columns` of the Parquet `files` together, as numpy arrays (empty int64 when no files)."""
     if not files:
         return [np.zeros(0, np.int64) for _ in columns]
-    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    table = pa.concat_tables(storage.read_parquet(f, columns=columns) for f in files)
     return [table.column(c).to_numpy() for c in columns]
 
 
@@ -85,11 +83,11 @@ def _start(folder: Path, partition: int) -> tuple[np.ndarray, np.ndarray, np.nda
 def propagate(item: tuple[int, int], folder: str, partitions: int) -> dict[str, int]:
     """One round for one partition: lower labels by the messages received, send what dropped."""
     round_, partition = item
-    root = Path(folder)
+    root = storage.location(folder)
     if round_ == 0:
         nodes, labels, changed, (src, dst) = _start(root, partition)
     else:
-        previous = pq.read_table(_labels_path(root, round_ - 1, partition))
+        previous = storage.read_parquet(_labels_path(root, round_ - 1, partition))
         nodes, old = previous.column("node").to_numpy(), previous.column("label").to_numpy()
         inbox = root / "messages" / f"r-{round_ - 1:04d}" / f"to-{partition:05d}"
         to, label = read_columns(io.list_parts(inbox), ["node", "label"])
@@ -127,7 +125,7 @@ class Components:
 
     def labels(self, partition: int) -> pa.Table:
         """`(node, label)` of the nodes in `partition`; label = the smallest node of its component."""
-        return pq.read_table(self.labels_dir / f"p-{partition:05d}.parquet")
+        return storage.read_parquet(self.labels_dir / f"p-{partition:05d}.parquet")
 
 
 def label_components(folder: Path, partitions: int, mapper: Mapper, description: str) -> Components:
@@ -138,8 +136,8 @@ def label_components(folder: Path, partitions: int, mapper: Mapper, description:
     while True:
         results = mapper(task, [(round_, p) for p in range(partitions)], f"{description} round {round_ + 1}")
         changed_per_round.append(sum(r["changed"] for r in results))
-        shutil.rmtree(folder / "messages" / f"r-{round_ - 1:04d}", ignore_errors=True)  # read by this round
-        shutil.rmtree(folder / "labels" / f"r-{round_ - 1:04d}", ignore_errors=True)
+        storage.remove_tree(folder / "messages" / f"r-{round_ - 1:04d}")  # read by this round
+        storage.remove_tree(folder / "labels" / f"r-{round_ - 1:04d}")
         if sum(r["sent"] for r in results) == 0:
             return Components(folder / "labels" / f"r-{round_:04d}", round_ + 1, changed_per_round[1:],
                               changed_per_round[0])

@@ -36,10 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gristmill.pipeline import io
+from gristmill.pipeline import io, storage
 from gristmill.pipeline.dedup import minhash as mh
 from gristmill.pipeline.dedup.components import (
     label_components,
@@ -133,7 +132,7 @@ class Plan:
 
     @property
     def work(self) -> Path:
-        return Path(self.stage_dir) / "work"
+        return storage.location(self.stage_dir) / "work"
 
 
 def _key(part: int, rows: np.ndarray) -> np.ndarray:
@@ -149,11 +148,11 @@ def _row_of(keys: np.ndarray) -> np.ndarray:
 
 
 def _read_documents(path: str, columns: list[str]) -> pa.Table:
-    schema = pq.read_schema(path)
+    schema = storage.parquet_file(path).schema_arrow
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise ValueError(f"dedup: {path} has no column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})")
-    return pq.read_table(path, columns=columns)
+    return storage.read_parquet(path, columns=columns)
 
 
 def _flat(column: pa.ChunkedArray) -> pa.Array:
@@ -171,7 +170,7 @@ def sign_part(item: tuple[int, str], plan: Plan) -> dict[str, Any]:
     part, path = item
     started = time.perf_counter()
     config = plan.config
-    with_url = "url" in pq.read_schema(path).names
+    with_url = "url" in storage.parquet_file(path).schema_arrow.names
     table = _read_documents(path, ["id", "text"] + (["url"] if with_url else []))
     n = table.num_rows
     texts = _flat(table.column("text"))
@@ -204,11 +203,11 @@ def sign_part(item: tuple[int, str], plan: Plan) -> dict[str, Any]:
         has_shingles = np.diff(offsets) > 0
         no_shingles = int(n - has_shingles.sum())
         if config.verify == "signature":
-            np.save(plan.work / "signatures" / f"part-{part:05d}.npy", signatures)
+            storage.save_array(signatures, plan.work / "signatures" / f"part-{part:05d}.npy")
         if config.verify == "jaccard":  # read back, a few rows at a time, by the verify step
-            np.save(plan.work / "shingles" / f"part-{part:05d}.npy", shingle_hashes)
-            np.save(plan.work / "shingles" / f"offsets-{part:05d}.npy", offsets)
-        np.save(plan.work / "bands" / f"part-{part:05d}.npy", bands)
+            storage.save_array(shingle_hashes, plan.work / "shingles" / f"part-{part:05d}.npy")
+            storage.save_array(offsets, plan.work / "shingles" / f"offsets-{part:05d}.npy")
+        storage.save_array(bands, plan.work / "bands" / f"part-{part:05d}.npy")
         signed = np.flatnonzero(has_shingles)
         band_ids.append(np.tile(np.arange(plan.bands, dtype=np.int16), len(signed)))
         hashes.append(bands[signed].reshape(-1))
@@ -240,7 +239,7 @@ def group_bucket(bucket: int, plan: Plan) -> dict[str, int]:
     files = io.list_parts(plan.work / "shuffle" / f"bucket-{bucket:05d}")
     if not files:
         return {"seen": 0}
-    rows = pa.concat_tables(pq.read_table(f) for f in files)
+    rows = pa.concat_tables(storage.read_parquet(f) for f in files)
     groups = rows.group_by(["band", "hash"]).aggregate([("key", "min"), ("key", "count")])
     groups = groups.filter(pc.greater(groups.column("key_count"), 1)).drop_columns(["key_count"])
     members = rows.join(groups, keys=["band", "hash"], join_type="inner")
@@ -248,9 +247,9 @@ def group_bucket(bucket: int, plan: Plan) -> dict[str, int]:
     u, v = [members.column("key_min").to_numpy()], [members.column("key").to_numpy()]
     kind = [np.where(members.column("band").to_numpy() >= 0, EDGE_BAND, EDGE_EXACT).astype(np.int8)]
     seen = 0
-    index_files = io.list_parts(Path(plan.earlier_index) / f"bucket-{bucket:05d}") if plan.earlier_index else []
+    index_files = io.list_parts(storage.location(plan.earlier_index) / f"bucket-{bucket:05d}") if plan.earlier_index else []
     if index_files:
-        index = pa.concat_tables(pq.read_table(f) for f in index_files)
+        index = pa.concat_tables(storage.read_parquet(f) for f in index_files)
         earliest = index.group_by(["band", "hash"]).aggregate([("id", "min")])
         matched = rows.join(earliest, keys=["band", "hash"], join_type="inner")
         ids = _flat(matched.column("id_min"))
@@ -296,7 +295,7 @@ def _similar(u: np.ndarray, v: np.ndarray, plan: Plan) -> np.ndarray:
             out = np.empty((len(keys), config.num_perm), np.uint32)
             for p in np.unique(_part_of(keys)):
                 if p not in loaded:
-                    loaded[p] = np.load(plan.work / "signatures" / f"part-{p:05d}.npy", mmap_mode="r")
+                    loaded[p] = storage.load_array(plan.work / "signatures" / f"part-{p:05d}.npy")
                 mask = _part_of(keys) == p
                 out[mask] = loaded[p][_row_of(keys[mask])]
             return out
@@ -314,8 +313,8 @@ def _shingles_of(keys: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     pieces, counts = [], []
     for p in np.unique(_part_of(keys)):
         rows = _row_of(keys[_part_of(keys) == p])
-        hashes = np.load(plan.work / "shingles" / f"part-{p:05d}.npy", mmap_mode="r")
-        offsets = np.load(plan.work / "shingles" / f"offsets-{p:05d}.npy", mmap_mode="r")
+        hashes = storage.load_array(plan.work / "shingles" / f"part-{p:05d}.npy")
+        offsets = storage.load_array(plan.work / "shingles" / f"offsets-{p:05d}.npy")
         starts, lengths = np.asarray(offsets[rows]), np.asarray(offsets[rows + 1]) - np.asarray(offsets[rows])
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         pieces.append(np.asarray(hashes[np.repeat(starts, lengths) + within]))
@@ -332,7 +331,7 @@ def _shingles_of(keys: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
 def scatter_members(partition: int, plan: Plan, labels_dir: str) -> None:
     """Send the component label of each batch document in one label partition to its input part
     (`work/members/`), and each earlier document, with its id, to its cluster's partition."""
-    labels = pq.read_table(Path(labels_dir) / f"p-{partition:05d}.parquet")
+    labels = storage.read_parquet(storage.location(labels_dir) / f"p-{partition:05d}.parquet")
     node, label = labels.column("node").to_numpy(), labels.column("label").to_numpy()
     batch = node >= 0
     scatter(pa.table({"key": node[batch], "label": label[batch]}), _part_of(node[batch]), plan.parts,
@@ -357,7 +356,7 @@ def gather_facts(part: int, plan: Plan) -> None:
     key, label = read_columns(io.list_parts(plan.work / "members" / f"part-{part:05d}"), ["key", "label"])
     if len(key) == 0:
         return
-    docs = pq.read_table(plan.work / "docs" / io.part_name(part)).take(pa.array(_row_of(key)))
+    docs = storage.read_parquet(plan.work / "docs" / io.part_name(part)).take(pa.array(_row_of(key)))
     facts = pa.table({"label": label, "key": key, "id": docs.column("id").cast(pa.string()),
                       "length": docs.column("length"), "exact": docs.column("exact"), "url": docs.column("url")})
     scatter(facts, partition_of(label, plan.buckets), plan.buckets,
@@ -380,7 +379,7 @@ def choose_survivors(partition: int, plan: Plan) -> dict[str, Any]:
     files = io.list_parts(plan.work / "clusters" / f"c-{partition:05d}")
     if not files:
         return {"clusters": 0, "largest": 0, "size_counts": _size_counts(np.zeros(0, np.int64)), "sample": []}
-    table = pa.concat_tables(pq.read_table(f) for f in files)
+    table = pa.concat_tables(storage.read_parquet(f) for f in files)
     keys, clusters = table.column("key").to_numpy(), table.column("label").to_numpy()
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     earlier_of: dict[int, str] = {}
@@ -429,10 +428,10 @@ def write_part(item: tuple[int, str, list[int]], plan: Plan) -> dict[str, Any]:
     survivors into `index/`, and return the counts and the sampled documents that live in it."""
     part, path, sample_keys = item
     files = io.list_parts(plan.work / "decisions" / f"part-{part:05d}")
-    decisions = pa.concat_tables(pq.read_table(f) for f in files) if files else pa.table({
+    decisions = pa.concat_tables(storage.read_parquet(f) for f in files) if files else pa.table({
         "key": pa.array([], pa.int64()), "dup_cluster": pa.array([], pa.string()),
         "dup_survivor": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
-    table = pq.read_table(path)
+    table = storage.read_parquet(path)
     n = table.num_rows
     rows = _row_of(decisions.column("key").to_numpy())
     cluster = np.full(n, None, dtype=object)
@@ -453,8 +452,8 @@ def write_part(item: tuple[int, str, list[int]], plan: Plan) -> dict[str, Any]:
     if "reason" in kept.column_names:
         kept = kept.drop_columns(["reason"])
     caps = (plan.config.max_part_rows, plan.config.max_part_bytes)
-    io.write_parts(kept, Path(plan.stage_dir) / io.KEPT, part, *caps)
-    io.write_parts(removed, Path(plan.stage_dir) / io.REMOVED, part, *caps)
+    io.write_parts(kept, storage.location(plan.stage_dir) / io.KEPT, part, *caps)
+    io.write_parts(removed, storage.location(plan.stage_dir) / io.REMOVED, part, *caps)
     _index_survivors(part, np.flatnonzero(~removed_mask), table.column("id"), plan)
     counts: dict[str, int] = {}
     for r in reason[removed_mask]:
@@ -472,7 +471,7 @@ def write_part(item: tuple[int, str, list[int]], plan: Plan) -> dict[str, Any]:
 
 def _index_survivors(part: int, rows: np.ndarray, ids: pa.ChunkedArray, plan: Plan) -> None:
     """Append the kept documents' hashes to `index/bucket-B/batch-NNNN-part-PPPPP.parquet`."""
-    docs = pq.read_table(plan.work / "docs" / io.part_name(part))
+    docs = storage.read_parquet(plan.work / "docs" / io.part_name(part))
     band_ids, hashes, doc_rows = [], [], []
     if plan.config.exact:
         band_ids.append(np.full(len(rows), EXACT_BAND, np.int16))
@@ -484,8 +483,8 @@ def _index_survivors(part: int, rows: np.ndarray, ids: pa.ChunkedArray, plan: Pl
         hashes.append(url[url != 0])
         doc_rows.append(rows[url != 0])
     bands_file = plan.work / "bands" / f"part-{part:05d}.npy"
-    if plan.config.near and bands_file.exists():
-        bands = np.load(bands_file)[rows]
+    if plan.config.near and storage.is_published(bands_file):
+        bands = storage.load_array(bands_file)[rows]
         band_ids.append(np.tile(np.arange(plan.bands, dtype=np.int16), len(rows)))
         hashes.append(bands.reshape(-1))
         doc_rows.append(np.repeat(rows, plan.bands))
@@ -498,7 +497,7 @@ def _index_survivors(part: int, rows: np.ndarray, ids: pa.ChunkedArray, plan: Pl
         mask = bucket == b
         io.write_parquet_atomic(
             pa.table({"band": band[mask], "hash": hashes[mask], "id": id_values.filter(pa.array(mask))}),
-            Path(plan.stage_dir) / "index" / f"bucket-{int(b):05d}" / f"batch-{plan.batch:04d}-{io.part_name(part)}",
+            storage.location(plan.stage_dir) / "index" / f"bucket-{int(b):05d}" / f"batch-{plan.batch:04d}-{io.part_name(part)}",
         )
 
 
@@ -546,7 +545,7 @@ def _size_counts(sizes: np.ndarray) -> np.ndarray:
     return np.bincount(bins[bins >= 0], minlength=len(CLUSTER_SIZE_EDGES))
 
 
-@custom_stage("dedup", DedupConfig, produces_documents=True)
+@custom_stage("dedup", DedupConfig, produces_documents=True, object_storage=True)
 def dedup(ctx: StageContext) -> StageResult:
     """Remove exact and near duplicates across all input parts; see the module docstring. The
     client only hands out work and adds up counts: every step's data stays in files."""
@@ -563,9 +562,9 @@ def dedup(ctx: StageContext) -> StageResult:
     plan = Plan(config, bands, rows, buckets, len(parts), str(ctx.stage_dir), str(earlier) if earlier else None,
                 batch=meta.get("batches", 0) + 1)
     for folder in ("work", "index", io.KEPT, io.REMOVED):
-        shutil.rmtree(ctx.stage_dir / folder, ignore_errors=True)
+        storage.remove_tree(ctx.stage_dir / folder)
     for folder in ("docs", "shuffle", "signatures", "shingles", "bands"):
-        (plan.work / folder).mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(plan.work / folder)
 
     def step(name: str, fn: Any, items: Any) -> list[Any]:
         clock = time.perf_counter()
@@ -593,7 +592,7 @@ def dedup(ctx: StageContext) -> StageResult:
                          ctx.stage_dir / "index" / "meta.json")
     if earlier is not None:
         _link_earlier_index(earlier, ctx.stage_dir / "index")
-    shutil.rmtree(plan.work, ignore_errors=True)
+    storage.remove_tree(plan.work)
     timings["write"] += time.perf_counter() - clock
 
     n_in = sum(s["rows"] for s in signed)

@@ -22,11 +22,15 @@ import io
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
+
+from gristmill.pipeline import storage
+
+Opener = Callable[[str], IO[bytes]]  # opens an archive for reading: a path, a URL, a retrying stream
 
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz")
 DOCUMENT_RECORD_TYPES = ("response", "resource", "conversion")
@@ -45,6 +49,7 @@ UNSPLITTABLE = {
     "plain": "not gzipped record by record: it is read whole",
     "arc": "ARC files are read whole",
 }
+REMOTE_WHOLE = "on object storage or the web: read whole, in one stream"
 
 
 @dataclass
@@ -95,14 +100,14 @@ def _is_arc(path: str | Path) -> bool:
     return str(path).lower().endswith((".arc", ".arc.gz"))
 
 
-def archive_layout(path: str | Path) -> str:
+def archive_layout(path: str | Path, opener: Opener = storage.open_binary) -> str:
     """`members`, `arc_members`, `stream`, `plain` or `arc` (see the module docstring), from the
     file's name and first bytes."""
     arc = _is_arc(path)
-    with open(path, "rb") as stream:
+    with opener(str(path)) as stream:
         if stream.read(3) != GZIP_MAGIC:
             return "arc" if arc else "plain"
-        size = os.fstat(stream.fileno()).st_size
+        size = _stream_size(stream)
         first = _inflate_member(_Cursor(stream, 0), keep=0, limit=LAYOUT_PROBE_BYTES)
         per_record = first.problem not in ("over_limit", None) or (
             first.problem is None and first.end < size and _begins_record(stream, first.end))
@@ -116,6 +121,9 @@ def archive_spans(path: str | Path, split_bytes: int) -> list[ArchiveSpan]:
     starting at a member that begins a record, found by one pass that inflates every member. Small
     files, and files that cannot be split (`note` says why), are one span."""
     path = str(path)
+    if storage.is_url(path):  # finding the split points would read the whole object once more
+        size, layout = storage.location(path).stat().st_size, archive_layout(path)
+        return [ArchiveSpan(path, 0, size, layout, "" if size <= split_bytes else REMOTE_WHOLE)]
     size = os.path.getsize(path)
     layout = archive_layout(path)
     if size <= split_bytes or layout not in SPLITTABLE:
@@ -130,21 +138,36 @@ def archive_spans(path: str | Path, split_bytes: int) -> list[ArchiveSpan]:
 
 
 def iter_records(path: str | Path, max_payload_bytes: int, counts: dict[str, int] | None = None,
-                 start: int = 0, end: int | None = None, layout: str | None = None) -> Iterator[ArchiveRecord]:
+                 start: int = 0, end: int | None = None, layout: str | None = None,
+                 opener: Opener = storage.open_binary) -> Iterator[ArchiveRecord]:
     """The document-bearing records of one archive file, in file order.
 
     `counts` (optional) receives the number of records of every WARC type seen, documents or not.
     `start` reads from that byte offset (a record boundary) instead of the beginning; in the
-    layouts that split, only records whose gzip member starts before `end` are read.
+    layouts that split, only records whose gzip member starts before `end` are read. `opener`
+    opens the file (a retrying stream for Common Crawl, see commoncrawl.py).
     """
     counts = {} if counts is None else counts
-    layout = layout or archive_layout(path)
+    layout = layout or archive_layout(path, opener)
     if layout == "members":
-        yield from _iter_members(str(path), max_payload_bytes, counts, start, end)
+        yield from _iter_members(str(path), max_payload_bytes, counts, start, end, opener)
     elif layout in ("arc", "arc_members"):
-        yield from _iter_arc(str(path), max_payload_bytes, counts, start, end if layout == "arc_members" else None)
+        yield from _iter_arc(str(path), max_payload_bytes, counts, start, end if layout == "arc_members" else None,
+                             opener)
     else:
-        yield from _iter_warc(str(path), max_payload_bytes, counts, start)
+        yield from _iter_warc(str(path), max_payload_bytes, counts, start, opener)
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    """Size of an open file: from the file system for a local file, by seeking to the end (and
+    back) for a remote stream."""
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        here = stream.tell()
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(here)
+        return size
 
 
 @dataclass
@@ -164,7 +187,7 @@ def _members(stream: BinaryIO, start: int, end: int, keep: int) -> Iterator[_Mem
     """The gzip members that start in [start, end), each with the first `keep` bytes of its
     content. A member that does not inflate ends where the next member beginning a WARC record
     starts (or at the end of the file): that is where reading resynchronises."""
-    size = os.fstat(stream.fileno()).st_size
+    size = _stream_size(stream)
     cursor = _Cursor(stream, start)
     while cursor.offset < min(end, size):
         member = _inflate_member(cursor, keep)
@@ -283,13 +306,13 @@ def _next_record_member(stream: BinaryIO, after: int, size: int) -> int:
 
 
 def _iter_members(path: str, max_payload_bytes: int, counts: dict[str, int], start: int,
-                  end: int | None) -> Iterator[ArchiveRecord]:
+                  end: int | None, opener: Opener) -> Iterator[ArchiveRecord]:
     """Records of a `members` file, member by member; a damaged member is one record with its
     problem and the bytes skipped, and reading goes on after it."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-    with open(path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
+    with opener(path) as stream:
+        size = _stream_size(stream)
         for member in _members(stream, start, size if end is None else end, keep=max_payload_bytes + HEADER_BYTES):
             if member.problem is not None:
                 yield _skipped_member(path, member, member.problem, member.detail)
@@ -360,10 +383,11 @@ def _mime_type(value: str | None) -> str | None:
     return value.split(";", 1)[0].strip().lower() or None
 
 
-def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int) -> Iterator[ArchiveRecord]:
+def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int,
+               opener: Opener) -> Iterator[ArchiveRecord]:
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-    with open(path, "rb") as stream:
+    with opener(path) as stream:
         stream.seek(start)
         records = iter(ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=False))
         position = start
@@ -372,7 +396,7 @@ def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start:
             try:
                 record = next(records)
             except StopIteration:
-                if not damage_reported and not _gzip_members_complete(path, position):
+                if not damage_reported and not _gzip_members_complete(path, position, opener):
                     yield ArchiveRecord(path, position, "unreadable", problem="unreadable",
                                         detail=f"file ends inside a gzip member after byte {position}")
                 return
@@ -401,11 +425,11 @@ def _iter_warc(path: str, max_payload_bytes: int, counts: dict[str, int], start:
             yield out
 
 
-def _gzip_members_complete(path: str, offset: int) -> bool:
+def _gzip_members_complete(path: str, offset: int, opener: Opener) -> bool:
     """Whether every gzip member from `offset` (a record boundary) to the end of the file is whole.
     FastWARC stops quietly at a member that was cut off; this tells a short file from a cut one.
     Files that are not gzip are always complete here (their cuts show as short records)."""
-    with open(path, "rb") as stream:
+    with opener(path) as stream:
         if stream.read(2) != b"\x1f\x8b":
             return True
         stream.seek(offset)
@@ -466,11 +490,11 @@ def _warc_record(path: str, record, kind: str, max_payload_bytes: int, offset: i
 
 
 def _iter_arc(path: str, max_payload_bytes: int, counts: dict[str, int], start: int,
-              end: int | None) -> Iterator[ArchiveRecord]:
+              end: int | None, opener: Opener) -> Iterator[ArchiveRecord]:
     """Records of an ARC file from `start`, up to the first record at or after `end` (None: all)."""
     from warcio.archiveiterator import ArchiveIterator
 
-    with open(path, "rb") as stream:
+    with opener(path) as stream:
         stream.seek(start)
         iterator = ArchiveIterator(stream, arc2warc=True)
         records = iter(iterator)

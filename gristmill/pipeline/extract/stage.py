@@ -2,9 +2,10 @@
 
 Input: archive files or globs (`.warc`, `.warc.gz`, `.wet`, `.wet.gz`, `.arc`, `.arc.gz`; Common
 Crawl's layout works with a glob such as `crawl-data/**/*.warc.gz`), or an upstream `crawl` stage,
-whose files are `<stage dir>/warc/*.warc.gz`. Work units are about `split_bytes` of archive: files
-gzipped record by record are cut at record boundaries (see `archive.archive_spans`), small files
-are grouped, and files that cannot be split are one unit each (stats say why).
+whose files are `<stage dir>/warc/*.warc.gz`, or a Common Crawl dump's paths list (`commoncrawl:`,
+see commoncrawl.py). Work units are about `split_bytes` of archive: local files gzipped record by
+record are cut at record boundaries (see `archive.archive_spans`), small files are grouped, and
+files that cannot be split, or live on object storage or the web, are one unit each (stats say why).
 
 Every response, resource and conversion (WET) record becomes exactly one row: kept with its text,
 or removed with a reason (`extract:truncated`, `extract:not_html`, ...). Requests, metadata and
@@ -23,6 +24,7 @@ import gzip
 import importlib.util
 import re
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -32,8 +34,8 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 from resiliparse.parse.html import HTMLTree
 
-from gristmill.pipeline import io
-from gristmill.pipeline.extract import langid
+from gristmill.pipeline import io, storage
+from gristmill.pipeline.extract import commoncrawl, langid
 from gristmill.pipeline.extract.archive import (
     ArchiveRecord,
     ArchiveSpan,
@@ -42,6 +44,7 @@ from gristmill.pipeline.extract.archive import (
     iter_records,
     read_record,
 )
+from gristmill.pipeline.extract.commoncrawl import CommonCrawlInput
 from gristmill.pipeline.extract.text import normalize_text
 from gristmill.pipeline.stage import PartitionOutput, StageConfig, StageContext, group_by_size, source_stage
 
@@ -82,6 +85,7 @@ class ExtractConfig(StageConfig):
     split_bytes: ByteSize = Field(default=ByteSize(256 * 2**20), ge=1)
     # One document bigger than this costs gigabytes downstream (filters hold several copies).
     max_doc_chars: int = Field(default=1_000_000, ge=1)
+    commoncrawl: CommonCrawlInput | None = None  # read a Common Crawl dump's paths list
 
     @field_validator("max_payload_bytes", "langid_max_chars")
     @classmethod
@@ -104,13 +108,20 @@ class ExtractConfig(StageConfig):
         langid.check_model(self.langid_model)
         return self
 
+    def has_own_source(self) -> bool:
+        return self.commoncrawl is not None
+
 
 def list_extract_units(ctx: StageContext) -> list[list[ArchiveSpan]]:
-    """Spans of the archive files (the WARC files of upstream `crawl` stages, then path inputs),
-    indexed on the cluster and grouped up to `split_bytes`."""
+    """Spans of the archive files (the WARC files of upstream `crawl` stages, path inputs, then the
+    files of a Common Crawl dump), indexed on the cluster and grouped up to `split_bytes`."""
     config: ExtractConfig = ctx.config
     index = functools.partial(archive_spans, split_bytes=config.split_bytes)
     spans = [span for spans in ctx.map(index, _archive_files(ctx), f"{ctx.name}: index") for span in spans]
+    if config.commoncrawl is not None:
+        sizes = functools.partial(commoncrawl.file_spans, settings=config.commoncrawl)
+        urls = commoncrawl.list_files(config.commoncrawl)
+        spans += [span for spans in ctx.map(sizes, urls, f"{ctx.name}: dump files") for span in spans]
     return group_by_size(spans, lambda span: span.size, config.split_bytes)
 
 
@@ -123,7 +134,7 @@ def _archive_files(ctx: StageContext) -> list[str]:
                     f"stage {ctx.name!r}: input {entry.name!r} is a {entry.stage_type!r} stage; extract reads "
                     "WARC/WET/ARC files or a `crawl` stage"
                 )
-            files.extend(str(p.resolve()) for p in sorted((entry.stage_dir / "warc").glob("*.warc.gz")))
+            files.extend(_file_name(p) for p in sorted((entry.stage_dir / "warc").glob("*.warc.gz")))
             continue
         if not entry.files:
             raise ValueError(f"stage {ctx.name!r}: input {entry.name!r} matches no files")
@@ -133,8 +144,13 @@ def _archive_files(ctx: StageContext) -> list[str]:
                     f"stage {ctx.name!r}: {path} is not a WARC, WET or ARC file (expected a name ending in "
                     ".warc, .warc.gz, .wet, .wet.gz, .arc or .arc.gz); narrow the glob in `input`"
                 )
-            files.append(str(path.resolve()))
+            files.append(_file_name(path))
     return files
+
+
+def _file_name(path: storage.Location) -> str:
+    """An absolute local path, or a URL as it is: what workers open and `source` records."""
+    return str(path) if storage.is_remote(path) else str(path.resolve())
 
 
 def decode_html(payload: bytes, declared_charset: str | None) -> tuple[str, str]:
@@ -286,6 +302,19 @@ def text_length_bin(chars: int) -> int:
     return max(0, bisect.bisect_right(TEXT_CHARS_EDGES, chars) - 1)
 
 
+def _span_records(span: ArchiveSpan, config: ExtractConfig, record_types: dict[str, int],
+                  download: dict[str, int]):
+    """The records of one span; a Common Crawl file through a retrying stream (in the cluster's
+    download limit), its requests, retries and bytes counted into `download`."""
+    settings = config.commoncrawl
+    from_dump = settings is not None and span.path.startswith(settings.base_url.rstrip("/") + "/")
+    if from_dump:
+        download["files"] = download.get("files", 0) + 1
+    with commoncrawl.opener(settings, download) if from_dump else nullcontext(storage.open_binary) as opener:
+        yield from iter_records(span.path, config.max_payload_bytes, counts=record_types, start=span.start,
+                                end=span.end, layout=span.layout, opener=opener)
+
+
 @source_stage("extract", ExtractConfig, units=list_extract_units)
 def extract_archive(unit: list[ArchiveSpan], config: ExtractConfig) -> PartitionOutput:
     """Turn every document record of the spans of one unit into a kept or a removed row."""
@@ -299,8 +328,8 @@ def extract_archive(unit: list[ArchiveSpan], config: ExtractConfig) -> Partition
     charsets: dict[str, int] = {}
     text_chars = [0] * len(TEXT_CHARS_EDGES)
     payload_bytes = skipped_bytes = 0
-    records = (record for span in unit for record in iter_records(
-        span.path, config.max_payload_bytes, counts=record_types, start=span.start, end=span.end, layout=span.layout))
+    download: dict[str, int] = {}
+    records = (record for span in unit for record in _span_records(span, config, record_types, download))
     for record in records:
         row = _row(record)
         payload_bytes += len(record.payload or b"")
@@ -334,6 +363,8 @@ def extract_archive(unit: list[ArchiveSpan], config: ExtractConfig) -> Partition
         "text_chars": {"edges": TEXT_CHARS_EDGES, "counts": text_chars},
         "removed_by_reason": removed_by_reason,
     }
+    if download:
+        stats["download"] = {"requests": 0, "retries": 0, "bytes": 0, **download}
     return PartitionOutput(
         kept=pa.Table.from_pylist(kept, schema=EXTRACT_SCHEMA),
         removed=io.with_reason(pa.Table.from_pylist(removed, schema=EXTRACT_SCHEMA), reasons),
