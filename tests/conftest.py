@@ -9,6 +9,8 @@ from rich.console import Console
 
 from tests.quickstart import QUICKSTART, QUICKSTART_TEST_OVERRIDES
 
+pytest_plugins = ["tests.model_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -13,14 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from resiliparse.extract.html2text import extract_plain_text
 
-from gristmill import DATA_DIR
 from gristmill.model.config import TrainConfig
 from gristmill.model.export import NotExportable, export_hf
 from gristmill.model.loop import train
 from gristmill.model.sample import load_model
-from tests.test_model_train import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, n_head=4, n_embd=64, seq_len=64, batch_size=8, progress=False, max_steps=8, warmup_steps=2)
@@ -53,20 +50,9 @@ for name, (folder, architecture) in json.loads(sys.argv[1]).items():
 assert not any(m.startswith("gristmill") for m in sys.modules), "transformers needed gristmill"
 """
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    pages = sorted((DATA_DIR / "sample_site" / "handbook" / "en-US").glob("*.html"))
-    texts = [extract_plain_text(p.read_text(errors="replace")) for p in pages]
-    return write_shards(tmp_path_factory.mktemp("shards"), texts, vocab_size=512)
 
 
 def gristmill_logits(train_dir: Path, ids: torch.Tensor) -> torch.Tensor:

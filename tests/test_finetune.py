@@ -40,7 +40,8 @@ from gristmill.model.finetune.objectives import dpo_loss, sequence_logps
 from gristmill.model.loop import train
 from gristmill.model.sample import load_checkpoint, load_model
 from gristmill.pipeline.runner import run_workflow
-from tests.test_model_train import free_loopback_port, write_shards
+from tests.model_fixtures import write_shards
+from tests.test_model_train import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = DATA_DIR / "finetune"

@@ -30,8 +30,9 @@ from gristmill.pipeline.lock import RunLock, current_holder
 from gristmill.pipeline.runner import StageError, run_workflow
 from gristmill.pipeline.status import run_status
 from gristmill.pipeline.workflow import WorkflowError, load_workflow
+from tests.model_fixtures import write_shards
 from tests.test_dashboard import messages, render
-from tests.test_model_train import TINY, write_shards
+from tests.test_model_train import TINY
 from tests.test_runner import GRISTMILL, REPO, subprocess_env, write_workflow
 
 QUIET = Console(quiet=True)

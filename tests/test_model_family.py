@@ -28,11 +28,13 @@ from gristmill.tokenize.corpus import Sample
 from gristmill.tokenize.pack import pack, serial_map
 from gristmill.tokenize.recipes import TokenizerSpec
 from gristmill.tokenize.train import load_tokenizer, save_tokenizer, train_tokenizer
-from tests.test_model_train import free_loopback_port, write_shards
+from tests.test_model_train import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 97
 TINY = dict(n_layer=2, n_head=4, n_embd=64, seq_len=64, batch_size=8, progress=False, log_every=1)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> Transformer:
@@ -50,19 +52,6 @@ def changed_at(ids: torch.Tensor, position: int) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    pages = sorted((DATA_DIR / "sample_site" / "handbook" / "en-US").glob("*.html"))
-    texts = [extract_plain_text(p.read_text(errors="replace")) for p in pages]
-    return write_shards(tmp_path_factory.mktemp("shards"), texts, vocab_size=512)
 
 
 @pytest.mark.parametrize("position", ["rope", "alibi", "learned", "relative"])

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from resiliparse.extract.html2text import extract_plain_text
 from rich.console import Console
 from streamlit.testing.v1 import AppTest
 
@@ -29,7 +28,6 @@ from gristmill.model.parallel.mesh import plan_layout
 from gristmill.model.parallel.pipeline import stage_layers
 from gristmill.model.sample import load_checkpoint, load_model
 from gristmill.pipeline.runner import run_workflow
-from tests.test_model_train import PAGES, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
@@ -37,23 +35,13 @@ STEPS, SAVED_AT = 6, 3
 SETTINGS = dict(n_layer=2, n_head=4, n_embd=64, seq_len=64, tie_weights=False, max_steps=STEPS, warmup_steps=2,
                 log_every=1, eval_every=STEPS, eval_batches=2, checkpoint_every=100, progress=False)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    texts = [extract_plain_text(p.read_text(errors="replace")) for p in PAGES]
-    return write_shards(tmp_path_factory.mktemp("shards"), texts, vocab_size=512)
 
 
 @pytest.fixture(scope="module")
