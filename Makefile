@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	for name in crawl extract filters dedup pii tokenizer_pack train; do $(BIN)/python -m benchmarks.$$name --quick | tail -n 1; done
+	for name in crawl extract filters dedup pii tokenizer_pack train classify finetune scale; do $(BIN)/python -m benchmarks.$$name --quick | tail -n 1; done
 
 clean:
 	rm -rf runs .pytest_cache
