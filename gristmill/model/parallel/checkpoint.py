@@ -12,6 +12,7 @@ a stride nested under FSDP's split by itself.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,10 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from gristmill.model.model import ModelConfig, Transformer
+
+# A single process passes `no_dist=True`, which already says what torch then warns about on every save
+# and load; the warning would print at each checkpoint of every single-process run.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
