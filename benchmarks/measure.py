@@ -1,5 +1,7 @@
 """How every benchmark times its two sides, so that the comparison is like for like.
 
+A helper the benchmarks import, not a benchmark: it has no `--quick` mode and prints nothing.
+
 - Threads are pinned to `THREADS` (one) before any work: Hugging Face tokenizers' Rayon pool
   (`RAYON_NUM_THREADS`, `TOKENIZERS_PARALLELISM`) and Arrow's CPU and I/O pools. numpy's ufuncs
   and everything else these benchmarks run are single-threaded already.
