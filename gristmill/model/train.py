@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -76,10 +77,16 @@ def train_command(
         train_config = load_config(config, overrides)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    report_run(lambda: train(train_config, shards_dir, out, resume=resume), (NonFiniteLoss,))
+
+
+def report_run(run: Callable[[], dict], handled: tuple[type[Exception], ...]) -> None:
+    """Run a training loop; an expected failure is printed as plain text (it may hold brackets) with
+    exit code 1, and rank 0 prints the summary as JSON."""
     try:
-        summary = train(train_config, shards_dir, out, resume=resume)
-    except NonFiniteLoss as error:
-        Console(stderr=True).print(f"[red]{error}[/red]")
+        summary = run()
+    except handled as error:
+        typer.echo(str(error), err=True)
         raise typer.Exit(1) from None
     if int(os.environ.get("RANK", 0)) == 0:
         Console().print_json(json.dumps(summary))

@@ -7,15 +7,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from gristmill.model.finetune.config import load_finetune_config
-from gristmill.model.train import parse_settings
+from gristmill.model.train import parse_settings, report_run
 
 
 def finetune_command(
@@ -40,13 +37,8 @@ def finetune_command(
         finetune_config = load_finetune_config(config, overrides)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    try:
-        summary = finetune(finetune_config, checkpoint, data, out, resume=resume)
-    except (NonFiniteLoss, ValueError, FileNotFoundError) as error:
-        Console(stderr=True).print(f"[red]{error}[/red]")
-        raise typer.Exit(1) from None
-    if int(os.environ.get("RANK", 0)) == 0:
-        Console().print_json(json.dumps(summary))
+    report_run(lambda: finetune(finetune_config, checkpoint, data, out, resume=resume),
+               (NonFiniteLoss, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":
